@@ -1,0 +1,1 @@
+"""Foundation: CenterNet architectures, checkpoints and ONNX export."""
