@@ -1,0 +1,55 @@
+"""The pipeline folders install under one package, never as generic top-level modules."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PIPELINE_FOLDERS = ("export", "quantize", "runtime", "calib_data", "eval")
+
+
+def test_installed_package_maps_the_pipeline_folders():
+    import importlib
+
+    for folder in PIPELINE_FOLDERS:
+        module = importlib.import_module(f"centernet_edge.{folder}")
+        assert Path(module.__file__).resolve().parent == REPO / folder
+
+
+def test_no_generic_top_level_module_outside_the_repo(tmp_path):
+    probe = "import importlib.util as u; print([n for n in %r if u.find_spec(n)])" % (PIPELINE_FOLDERS + ("quantize",),)
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_built_wheel_contains_only_the_namespaced_package(tmp_path):
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
+        capture_output=True, text=True,
+    )
+    if build.returncode != 0 and "No module named" in build.stderr:
+        pytest.skip("wheel build tools not installed")
+    assert build.returncode == 0, build.stderr[-2000:]
+    wheel = next(tmp_path.glob("centernet_edge-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    top_level = {n.split("/")[0] for n in names}
+    assert top_level <= {"centernet_edge", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}
+    for folder in PIPELINE_FOLDERS:
+        assert f"centernet_edge/{folder}/__init__.py" in names
+    assert "centernet_edge/eval/model_descriptions/mb3_centernet_coco.json" in names
+    assert not any(n.startswith("centernet_edge/tests") for n in names)
+    # The wheel imports on its own, from a directory that is not the repository.
+    target = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(target)
+    probe = "import centernet_edge.runtime.spec as s, centernet_edge.export as e; print(s.__file__)"
+    out = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(target)!r}); {probe}"],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().startswith(str(target))
