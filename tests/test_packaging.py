@@ -22,7 +22,7 @@ def test_installed_package_maps_the_pipeline_folders():
 
 
 def test_no_generic_top_level_module_outside_the_repo(tmp_path):
-    probe = "import importlib.util as u; print([n for n in %r if u.find_spec(n)])" % (PIPELINE_FOLDERS + ("quantize",),)
+    probe = f"import importlib.util as u; print([n for n in {PIPELINE_FOLDERS!r} if u.find_spec(n)])"
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
