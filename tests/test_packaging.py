@@ -30,7 +30,8 @@ def test_no_generic_top_level_module_outside_the_repo(tmp_path):
 @pytest.mark.slow
 def test_built_wheel_contains_only_the_namespaced_package(tmp_path):
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path), str(REPO)],
         capture_output=True, text=True,
     )
     if build.returncode != 0 and "No module named" in build.stderr:
