@@ -48,7 +48,7 @@ class ArchInfo:
     default_head_conv: int
     keep_res_pad: int  # official --keep_res pads to (size | pad) + 1; mmdet test_pad_mode ['logical_or', 31]
     head_in_channels: int
-    head_names: tuple[str, str, str]  # state-dict prefixes of (heatmap, wh, offset) heads
+    head_names: tuple[str, ...]  # state-dict prefixes of the (heatmap, wh, offset) heads
     hm_bias_init: float
     down_ratio: int = 4
 
@@ -73,7 +73,8 @@ def _registry() -> dict[str, ArchInfo]:
     archs.append(_official("dla_34", "dla", 34, True, 256, 31, 64))
     archs.append(_official("hourglass_104", "hourglass", 104, False, 256, 127, 256))
     for name, dcn in (("mmdet_r18", False), ("mmdet_r18_dcnv2", True)):
-        archs.append(ArchInfo(name, "mmdet", "mmdet", 18, dcn, 64, 31, 64, MMDET_HEAD_NAMES, MMDET_HM_BIAS))
+        heads = tuple(f"bbox_head.{h}" for h in MMDET_HEAD_NAMES)
+        archs.append(ArchInfo(name, "mmdet", "mmdet", 18, dcn, 64, 31, 64, heads, MMDET_HM_BIAS))
     return {a.name: a for a in archs}
 
 
