@@ -9,6 +9,7 @@ TensorRT runner registers itself the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ __all__ = [
     "create_runner",
     "register_backend",
     "resolve_providers",
+    "runner_info",
 ]
 
 
@@ -68,17 +70,26 @@ class RunnerOptions:
 
 @runtime_checkable
 class Runner(Protocol):
-    """What the evaluator and the quantization tools need from a backend."""
+    """What the evaluator and the quantization tools need from a backend.
+
+    Optional extras, read with ``getattr``: ``raw_outputs`` (dict role -> array of the last ``run``, or
+    None) and ``describe()`` (backend, providers, precision, for reports); see :func:`runner_info`.
+    """
 
     backend: str
     spec: ModelSpec
     precision: str
     last_timing: StageTimes | None
-    raw_outputs: dict[str, np.ndarray] | None
 
     def run(self, images: Sequence[np.ndarray]) -> list[Detections]: ...
 
-    def describe(self) -> dict[str, Any]: ...
+
+def runner_info(runner: Runner) -> dict[str, Any]:
+    """``runner.describe()`` when the backend offers it, else what the protocol guarantees."""
+    describe = getattr(runner, "describe", None)
+    if callable(describe):
+        return dict(describe())
+    return {"backend": runner.backend, "providers": [], "precision": runner.precision}
 
 
 def _precision_of(spec: ModelSpec) -> str:
@@ -115,6 +126,9 @@ def resolve_providers(requested: Sequence[str] | None = None) -> list[str]:
     if "CPUExecutionProvider" not in chosen:
         chosen.append("CPUExecutionProvider")
     return chosen
+
+
+_MAX_CHUNK = 16
 
 
 def _chunks(items: Sequence[np.ndarray], size: int | None) -> list[list[np.ndarray]]:
@@ -176,6 +190,14 @@ class OnnxRuntimeRunner:
             roles = {"detections": roles["detections"]}
         return graph.input.name, {role: info.name for role, info in roles.items()}
 
+    def _feed_error(self, feed: np.ndarray, exc: Exception) -> str:
+        expected = self.session.get_inputs()[0]
+        return (
+            f"{self.model_path.name}: inference failed on a {feed.dtype} {list(feed.shape)} input; the graph "
+            f"expects {expected.type} {expected.shape} (check the model spec's graph.preprocess, input size "
+            f"and layout): {str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}"
+        )
+
     @property
     def providers(self) -> list[str]:
         return list(self.session.get_providers())
@@ -188,8 +210,10 @@ class OnnxRuntimeRunner:
         from .preprocess import prepare_batch
 
         fixed = self.spec.graph.batch
-        # Raw-image graphs take one size per call, so without a fixed batch images go one by one.
-        size = fixed if fixed else (1 if self.spec.graph.preprocess == "warp" else None)
+        # Raw-image and keep_res inputs differ in size per image, so without a fixed batch they go one by
+        # one; fixed-size inputs are batched, in bounded chunks to keep memory flat.
+        varying = self.spec.graph.preprocess == "warp" or self.spec.preprocess.resize == "keep_res"
+        size = fixed if fixed else (1 if varying else _MAX_CHUNK)
         results: list[Detections] = []
         pre = infer = post = 0.0
         raw: dict[str, list[np.ndarray]] = {}
@@ -200,7 +224,10 @@ class OnnxRuntimeRunner:
             t0 = time.perf_counter()
             feed, geoms = prepare_batch(chunk, self.spec)
             t1 = time.perf_counter()
-            values = self.session.run(list(self._fetch.values()), {self._input_name: feed})
+            try:
+                values = self.session.run(list(self._fetch.values()), {self._input_name: feed})
+            except Exception as exc:  # ORT's own exception types are not importable in a stable way
+                raise RunnerError(self._feed_error(feed, exc)) from exc
             t2 = time.perf_counter()
             by_role = {role: value[:real] for role, value in zip(self._fetch, values, strict=True)}
             results.extend(finalize(by_role, self.spec, geoms[:real])[:real])
@@ -283,7 +310,11 @@ class TorchReferenceRunner:
         if threads:
             torch.set_num_threads(int(threads))
         loaded = load_checkpoint(self.model_path)
-        self.spec = spec if spec is not None else checkpoint_spec(loaded.info)
+        spec = spec if spec is not None else checkpoint_spec(loaded.info)
+        # The PyTorch modules return heatmap logits for both sources, whatever an exported graph's spec
+        # (which has sigmoid in-graph) says; decode must apply the sigmoid here.
+        logits = dataclasses.replace(spec.decode, heatmap_activation="logits")
+        self.spec = dataclasses.replace(spec, decode=logits)
         if self.spec.num_classes != loaded.num_classes:
             raise RunnerError(
                 f"{self.model_path.name}: model spec has num_classes={self.spec.num_classes}, "
