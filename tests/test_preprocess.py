@@ -73,7 +73,7 @@ def test_normalize_rgb_mmdet():
     x = normalize_image(img, pre)
     rgb = img[:, :, ::-1].astype(np.float64)
     exp = (rgb - np.float32(pre.mean)) / np.float32(pre.std)
-    np.testing.assert_allclose(x, exp.transpose(2, 0, 1), rtol=1e-6)
+    np.testing.assert_allclose(x, exp.transpose(2, 0, 1), rtol=1e-6, atol=1e-6)
     assert x.dtype == np.float32 and x.shape == (3, 8, 6)
 
 
