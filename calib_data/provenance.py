@@ -1,0 +1,46 @@
+"""Content hashes that tie a calibration result to the exact model and images it came from."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+__all__ = ["dataset_hash", "file_sha256", "relative_name", "text_sha256"]
+
+_CHUNK = 1 << 20
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 hex digest of a file's bytes (streamed, so model size does not matter)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def dataset_hash(entries: Iterable[tuple[str, int]], seed: int) -> str:
+    """sha256 over the sorted ``(relative name, size in bytes)`` pairs and the selection seed.
+
+    Names and sizes (not pixel contents) keep this cheap for thousands of images while still changing
+    when a file is added, removed, renamed or re-encoded; the seed is part of it because it fixes the
+    subset and the order the images are fed in.
+    """
+    digest = hashlib.sha256()
+    for name, size in sorted(entries):
+        if "\n" in name or "\t" in name:
+            raise ValueError(f"file name with a tab or newline cannot be hashed unambiguously: {name!r}")
+        digest.update(f"{name}\t{int(size)}\n".encode())
+    digest.update(f"seed\t{int(seed)}\n".encode())
+    return digest.hexdigest()
+
+
+def relative_name(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` in POSIX form (so hashes agree across operating systems)."""
+    return Path(os.path.relpath(path, root)).as_posix()
