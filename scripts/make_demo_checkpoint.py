@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from centernet_edge.export.models import ARCHITECTURES, build_model
-from centernet_edge.runtime.atomic import atomic_write_path
+from centernet_edge.runtime.atomic import atomic_path
 
 
 def make_checkpoint(arch: str, out: Path, num_classes: int = 80, seed: int = 0) -> Path:
@@ -31,7 +31,7 @@ def make_checkpoint(arch: str, out: Path, num_classes: int = 80, seed: int = 0) 
         container = {"meta": {"note": "centernet-edge demo checkpoint (random weights)"}, "state_dict": state}
     else:
         container = {"epoch": 0, "state_dict": state}
-    with atomic_write_path(out) as tmp:
+    with atomic_path(out) as tmp:
         torch.save(container, tmp)
     return out
 
