@@ -1,0 +1,175 @@
+"""``centernet-export``: checkpoint -> verified, self-describing ONNX.
+
+    centernet-export model.pth -o model.onnx                 # uint8 BGR images in, detections out
+    centernet-export model.pth -o m.onnx --keep-res          # paper protocol (pad to multiples of 32/128)
+    centernet-export model.pth -o m.onnx --preprocess none --no-decode   # plain network + sigmoid
+
+The file is only written after ONNX Runtime reproduced the PyTorch reference on the verification
+images (``--no-verify`` skips that, ``--keep-unverified`` writes even when it fails). Exit codes: 0 ok,
+1 verification failed, 2 bad arguments or checkpoint, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from centernet_edge.runtime.spec import GRAPH_PREPROCESS, SpecError
+
+from .onnx_export import MAX_OPSET, MAX_TOPK, MIN_OPSET, ExportError, ExportOptions
+
+__all__ = ["build_parser", "main"]
+
+PROG = "centernet-export"
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (no usage dump) so scripts can log it."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(message)
+
+
+def _batch(value: str) -> int | None:
+    if value.lower() == "dynamic":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'dynamic', got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'dynamic', got {value!r}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Export a CenterNet checkpoint (official or mmdetection) to ONNX with "
+                "pre-processing and decode in the graph, verified against the PyTorch reference.")
+    p.add_argument("checkpoint", type=Path, help=".pth file (architecture and source are detected)")
+    p.add_argument("-o", "--output", type=Path,
+                   help="ONNX file to write (default: <checkpoint stem>.onnx here)")
+    p.add_argument("--arch", help="override the detected architecture (e.g. resdcn_18, mmdet_r18_dcnv2)")
+    p.add_argument("--num-classes", type=int, help="expected class count (must match the checkpoint)")
+    g = p.add_argument_group("graph")
+    g.add_argument("--keep-res", action="store_true",
+                   help="paper protocol: pad each image to ((h|pad)+1, (w|pad)+1) instead of a fixed size")
+    g.add_argument("--input-size", type=int, nargs="+", metavar=("H", "W"),
+                   help="fixed network input size (default 512 512; W defaults to H)")
+    g.add_argument("--preprocess", choices=GRAPH_PREPROCESS, default="warp",
+                   help="warp: raw uint8 BGR images in (default); normalize: uint8 BGR already warped to the "
+                   "network size; none: normalised float NCHW")
+    g.add_argument("--no-decode", action="store_true",
+                   help="output the heads (heatmap after sigmoid, wh, reg) instead of detections")
+    g.add_argument("--batch", type=_batch, default=None, metavar="N|dynamic",
+                   help="fixed batch size or 'dynamic' (default)")
+    g.add_argument("--topk", type=int, default=100, help=f"detections per image, 1..{MAX_TOPK} (default 100)")
+    g.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET}")
+    g.add_argument("--name", help="model name stored in the spec (default: checkpoint stem)")
+    v = p.add_argument_group("verification")
+    v.add_argument("--verify-images", type=Path, metavar="DIR",
+                   help="images to verify on (default: generated synthetic images of several sizes)")
+    v.add_argument("--verify-count", type=int, default=3, help="at most this many images (default 3)")
+    v.add_argument("--no-verify", action="store_true", help="skip verification")
+    v.add_argument("--keep-unverified", action="store_true", help="write the file even if verification fails")
+    v.add_argument("--head-tol", type=float, default=1e-3, help="max head error (default 1e-3)")
+    v.add_argument("--score-tol", type=float, default=1e-3, help="max score error of matched detections")
+    v.add_argument("--box-tol", type=float, default=1.0, help="max box error of matched detections, pixels")
+    v.add_argument("--min-matched", type=float, default=0.97,
+                   help="min fraction of reference detections matched (default 0.97)")
+    p.add_argument("--threads", type=int, help="CPU threads for PyTorch and ONNX Runtime")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only errors and the verdict")
+    return p
+
+
+def _options(args: argparse.Namespace) -> ExportOptions:
+    size = None
+    if args.input_size is not None:
+        if len(args.input_size) > 2:
+            raise ExportError(f"--input-size takes H or H W; got {len(args.input_size)} values")
+        size = (args.input_size[0], args.input_size[-1])
+    if args.verify_count < 1:
+        raise ExportError(f"--verify-count must be >= 1; got {args.verify_count}")
+    return ExportOptions(
+        keep_res=args.keep_res, input_size=size, preprocess=args.preprocess, decode=not args.no_decode,
+        batch=args.batch, topk=args.topk, opset=args.opset, name=args.name,
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .onnx_export import export_checkpoint, save_onnx
+    from .trt_ops import check_trt_compatibility
+    from .verify import Tolerances, load_images, synthetic_images, verify_export
+
+    say = (lambda *a: None) if args.quiet else print  # noqa: E731
+    options = _options(args).validate()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    output = args.output or Path(args.checkpoint.stem + ".onnx")
+    if not output.parent.exists() and str(output.parent):
+        raise ExportError(f"output directory does not exist: {output.parent}")
+    if not args.checkpoint.is_file():
+        raise ExportError(f"checkpoint not found: {args.checkpoint}")
+    images = None
+    if not args.no_verify and args.verify_images is not None:
+        try:
+            images = load_images(args.verify_images, args.verify_count)
+        except ValueError as exc:
+            raise ExportError(str(exc)) from None
+
+    start = time.perf_counter()
+    result = export_checkpoint(args.checkpoint, arch=args.arch, num_classes=args.num_classes, options=options)
+    model, spec = result.model, result.spec
+    say(f"{args.checkpoint.name}: {spec.arch} ({spec.source}), {spec.num_classes} classes; exported in "
+        f"{time.perf_counter() - start:.1f} s, {len(model.graph.node)} nodes")
+    for issue in check_trt_compatibility(model):
+        print(f"{PROG}: warning: TensorRT parser: {issue}", file=sys.stderr)
+
+    if not args.no_verify:
+        tolerances = Tolerances(head=args.head_tol, score=args.score_tol, box_px=args.box_tol,
+                                min_matched=args.min_matched)
+        report = verify_export(model, result.torch_model, spec, images or synthetic_images(args.verify_count),
+                               tolerances, threads=args.threads)
+        table = report.table()
+        print(table.splitlines()[-1] if args.quiet else table)
+        if not report.passed and not args.keep_unverified:
+            print(f"{PROG}: {output} not written (use --keep-unverified to write it anyway)", file=sys.stderr)
+            return 1
+    save_onnx(model, output)
+    inp = spec.graph.input
+    outs = ", ".join(f"{i.name} {i.dtype} {i.shape}" for i in spec.graph.outputs.values())
+    say(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB): input {inp.name} {inp.dtype} {inp.shape}; "
+        f"output {outs}")
+    if not args.no_verify and not report.passed:
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (0 ok, 1 verification failed, 2 usage/input error)."""
+    from .checkpoints import CheckpointError
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return _run(args)
+    except _UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except (ExportError, CheckpointError, SpecError, FileNotFoundError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
