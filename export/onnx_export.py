@@ -127,6 +127,17 @@ def _class_tables(num_classes: int, names: tuple[str, ...] | None) -> tuple[list
     return class_names, (list(COCO_CATEGORY_IDS) if coco else None)
 
 
+def network_complexity(arch: str, num_classes: int, head_conv: int | None,
+                       size: tuple[int, int] | None) -> dict[str, Any]:
+    """Parameters and multiply-accumulates of the network (at ``size``, or 512x512 for keep_res)."""
+    from .models import build_model, count_macs, count_parameters
+
+    size = size or (512, 512)
+    with torch.device("meta"):  # shapes only: nothing is computed or allocated
+        network = build_model(arch, num_classes=num_classes, head_conv=head_conv)
+    return {"params": count_parameters(network), "macs": count_macs(network, size), "macs_input_size": list(size)}
+
+
 def build_spec(
     *,
     arch: str,
@@ -412,6 +423,7 @@ def export_checkpoint(
             "checkpoint_sha256": loaded.sha256,
             "checkpoint_file": Path(checkpoint).name,
             "head_conv": loaded.head_conv,
+            **network_complexity(loaded.arch, loaded.num_classes, loaded.head_conv, options.network_size()),
         },
     )
     model = export_onnx(loaded.model, spec, options, input_multiple=info.input_multiple)

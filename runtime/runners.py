@@ -245,38 +245,25 @@ class OnnxRuntimeRunner:
 
 
 def checkpoint_spec(info: Any, keep_res: bool = False) -> ModelSpec:
-    """The reference spec of a checkpoint (its ``CheckpointInfo``): its source's pre-processing and decode.
+    """The reference spec of a checkpoint (its ``CheckpointInfo``): the same spec an export of it carries,
+    for the plain network (normalised float input, raw heads out).
 
     Used when a .pth comes without ``--model-spec``; COCO class names and ids when it has 80 classes.
     """
-    from .spec import (
-        COCO_CATEGORY_IDS,
-        COCO_CLASS_NAMES,
-        GraphIO,
-        TensorInfo,
-        mmdet_preprocess,
-        official_preprocess,
-        source_decode,
-    )
+    from dataclasses import replace
 
-    n = int(info.num_classes)
-    coco = n == len(COCO_CLASS_NAMES)
-    pre = mmdet_preprocess(keep_res) if info.source == "mmdet" else official_preprocess(keep_res)
-    heads = {role: TensorInfo(role, "float32", ["N", c, "h", "w"], "NCHW")
-             for role, c in (("heatmap", n), ("wh", 2), ("reg", 2))}
-    return ModelSpec(
-        name=Path(info.path).stem,
-        source=info.source,
-        arch=info.arch,
-        num_classes=n,
-        class_names=list(COCO_CLASS_NAMES) if coco else [f"class_{i}" for i in range(n)],
-        preprocess=pre,
-        decode=source_decode(info.source),
-        graph=GraphIO(preprocess="none", decode=False, outputs=heads,
-                      input=TensorInfo("input", "float32", ["N", 3, "H", "W"], "NCHW")),
-        category_ids=list(COCO_CATEGORY_IDS) if coco else None,
-        provenance={"checkpoint_sha256": info.sha256, "precision": "fp32"},
-    ).validate()
+    from centernet_edge.export.models import ARCHITECTURES
+    from centernet_edge.export.onnx_export import ExportOptions, build_spec
+
+    options = ExportOptions(keep_res=keep_res, preprocess="none", decode=False)
+    spec = build_spec(
+        arch=info.arch, source=info.source, num_classes=int(info.num_classes), options=options,
+        keep_res_pad=ARCHITECTURES[info.arch].keep_res_pad, class_names=getattr(info, "class_names", None),
+        name=Path(info.path).stem, provenance={"checkpoint_sha256": info.sha256, "precision": "fp32"},
+    )
+    # The PyTorch modules return heatmap logits; an exported graph applies the sigmoid itself.
+    spec.decode = replace(spec.decode, heatmap_activation="logits")
+    return spec.validate()
 
 
 class TorchReferenceRunner:
