@@ -7,22 +7,10 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from centernet_edge.runtime.hashing import file_sha256, text_sha256
+
 __all__ = ["dataset_hash", "file_sha256", "relative_name", "text_sha256"]
 
-_CHUNK = 1 << 20
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 hex digest of a file's bytes (streamed, so model size does not matter)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def text_sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def dataset_hash(entries: Iterable[tuple[str, int]], seed: int) -> str:

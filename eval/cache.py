@@ -19,19 +19,12 @@ from typing import Any
 import numpy as np
 
 from centernet_edge.runtime.detections import Detections
+from centernet_edge.runtime.hashing import file_sha256
 from centernet_edge.runtime.runners import StageTimes
 
 __all__ = ["CACHE_VERSION", "CachedRun", "ResultCache", "cache_key", "default_cache_dir", "file_sha256"]
 
 CACHE_VERSION = 1
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def default_cache_dir() -> Path:

@@ -11,7 +11,6 @@ Architecture, depth, DCN, class count and head width are inferred from key names
 
 from __future__ import annotations
 
-import hashlib
 import io
 import pickletools
 import re
@@ -26,6 +25,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from centernet_edge.runtime.hashing import file_sha256
 
 __all__ = [
     "ArchitectureGuess",
@@ -127,14 +128,6 @@ class RawCheckpoint:
 
 # ----------------------------------------------------------------------------------------------------------
 # File level: hashing, format sniffing, safe unpickling
-
-
-def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk_size):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _other_format(head: bytes, path: Path) -> str | None:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from centernet_edge.runtime.hashing import file_sha256
+
 __all__ = [
     "ZooEntry",
     "ZOO",
@@ -132,11 +134,7 @@ def _normalise_hash(value: str | None) -> str | None:
 
 def verify_file(path: str | Path, expected: str | None) -> str:
     """Return the file's sha256; ChecksumError unless it starts with `expected` (full hash or prefix)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(_CHUNK):
-            digest.update(block)
-    actual = digest.hexdigest()
+    actual = file_sha256(path)
     if expected and not actual.startswith(expected):
         raise ChecksumError(_mismatch(Path(path).name, expected, actual))
     return actual
