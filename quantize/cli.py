@@ -1,0 +1,148 @@
+"""``centernet-calibrate``: hardware-free calibration -> TensorRT cache, int8 Q/DQ, CPU int8 and fp16 models.
+
+Example::
+
+    centernet-calibrate model.onnx --images calib_dir/ --num-images 500 -o calib_out/
+    centernet-calibrate foreign.onnx --model-spec foreign.json --images list.txt --int8 --method auto
+
+Writes into ``-o``: calibration.cache (TensorRT <= 10), summary.json (hashes, method, per-tensor amax),
+model_int8_qdq.onnx (TensorRT explicit quantization), model_int8_cpu.onnx (ONNX Runtime CPU),
+model_fp16.onnx, sensitivity.json/.md and precision.json. An existing cache made from another model,
+image set or method is refused unless ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .mixed import DEFAULT_BUDGET
+from .pipeline import ARTIFACTS, METHOD_CHOICES, CalibrateOptions, calibrate
+from .trt_cache import DEFAULT_TRT_VERSION, StaleCacheError
+
+__all__ = ["build_parser", "main"]
+
+_EPILOG = """outputs (in -o): calibration.cache, summary.json, timings.json, model_int8_qdq.onnx (TensorRT),
+model_int8_cpu.onnx (ONNX Runtime CPU), model_fp16.onnx, sensitivity.json/.md, precision.json.
+exit codes: 0 ok, 2 bad input, 3 an existing cache was made from another model/images/method."""
+
+
+def _budget(text: str) -> float | None:
+    """A head-error budget in [0, 1], or 'none' for every eligible layer in int8."""
+    if text.lower() in ("none", "off", "all-int8"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"budget must be a number in [0, 1] or 'none'; got {text!r}") from None
+    if not 0 <= value <= 1 or math.isnan(value):
+        raise argparse.ArgumentTypeError(f"budget must be in [0, 1]; got {value}")
+    return value
+
+
+def _trt_version(text: str) -> str | int:
+    """'10.16.1' style, or the NV_TENSORRT_VERSION integer itself (101601)."""
+    return int(text) if text.strip().isdigit() else text
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="centernet-calibrate",
+        description="Calibrate a CenterNet ONNX model without a GPU; write int8/fp16 deployment artifacts.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG,
+    )
+    p.add_argument("model", type=Path,
+                   help="fp32 ONNX model (our export, or a foreign one with --model-spec)")
+    p.add_argument("--model-spec", type=Path, help="side-car JSON model description for a foreign ONNX")
+    p.add_argument("--images", type=Path, required=True,
+                   help="calibration images: a folder, a text file listing paths, or a COCO .json")
+    p.add_argument("--images-dir", type=Path, help="image folder for a COCO .json (default: next to it)")
+    p.add_argument("--num-images", type=_positive, default=500,
+                   help="images drawn (seeded) from --images (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the image selection (default: %(default)s)")
+    p.add_argument("--int8", action="store_true", help="write the int8 artifacts (default: int8 and fp16)")
+    p.add_argument("--fp16", action="store_true", help="write the fp16 model (default: int8 and fp16)")
+    p.add_argument("--method", choices=METHOD_CHOICES, default="auto",
+                   help="activation range method; 'auto' (default) picks the one whose all-int8 model drifts "
+                        "least from fp32 on calibration images")
+    p.add_argument("--percentile", type=float, default=99.99,
+                   help="percentile for --method percentile (default: %(default)s)")
+    p.add_argument("--budget", type=_budget, default=DEFAULT_BUDGET,
+                   help="mixed precision: max head error (1 - score-weighted detection agreement with fp32 "
+                        "on calibration images; default %(default)s); 'none' quantizes every eligible layer")
+    p.add_argument("--max-float", type=int, help="at most this many layers kept float")
+    p.add_argument("--cpu-float", choices=("none", "mixed"), default="none",
+                   help="layers kept float in model_int8_cpu.onnx: none (fastest) or the mixed-precision set")
+    p.add_argument("--cpu-format", choices=("qoperator", "qdq"), default="qoperator",
+                   help="model_int8_cpu.onnx format: qoperator (fastest measured) or qdq (closer to fp32)")
+    p.add_argument("--cpu-float-heads", action="store_true",
+                   help="keep the head convs float in model_int8_cpu.onnx (logits not rounded; slower)")
+    p.add_argument("--sensitivity-images", type=_positive, default=32,
+                   help="calibration images used for sensitivity and the mixed-precision search "
+                        "(default: %(default)s)")
+    p.add_argument("--trt-version", type=_trt_version, default=DEFAULT_TRT_VERSION,
+                   help="TensorRT version for the cache header: 10.16.1, 8.6.1 or NV_TENSORRT_VERSION "
+                        "(default: 10.16.1)")
+    p.add_argument("--threads", type=_positive, default=1,
+                   help="ONNX Runtime intra-op threads (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive, help="calibration batch (default: the graph's, else 1)")
+    p.add_argument("--stats-cache", type=Path, help="folder to keep and reuse activation statistics in")
+    p.add_argument("-o", "--out-dir", type=Path, default=Path("calibration"),
+                   help="output folder (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="recalibrate over an existing (stale) cache")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or step messages")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    both = not (args.int8 or args.fp16)
+    options = CalibrateOptions(
+        model=args.model, images=args.images, out_dir=args.out_dir, model_spec=args.model_spec,
+        images_dir=args.images_dir, num_images=args.num_images, seed=args.seed,
+        int8=args.int8 or both, fp16=args.fp16 or both, method=args.method, percentile=args.percentile,
+        budget=args.budget, max_float=args.max_float, sensitivity_images=args.sensitivity_images,
+        cpu_float=args.cpu_float, cpu_format=args.cpu_format, cpu_float_heads=args.cpu_float_heads,
+        trt_version=args.trt_version, force=args.force, threads=args.threads, batch_size=args.batch_size,
+        stats_cache=args.stats_cache, progress=not args.quiet,
+    )
+    try:
+        result = calibrate(options)
+    except StaleCacheError as exc:
+        print(f"centernet-calibrate: error: {exc}", file=sys.stderr)
+        return 3
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        print(f"centernet-calibrate: error: {exc}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(f"wrote {len(result.artifacts)} artifact(s) to {result.out_dir}:")
+        for key in ARTIFACTS:
+            if key in result.artifacts:
+                print(f"  {result.artifacts[key].name}")
+        if result.mixed is not None:
+            m = result.mixed
+            print(f"int8 (TensorRT Q/DQ): method {result.method}, {len(m.float_layers)} layer(s) kept float, "
+                  f"head error {m.error.head_error:.4f} (budget {m.budget})")
+        if result.cpu_int8 is not None:
+            c = result.cpu_int8
+            print(f"int8 (ONNX Runtime CPU): {c['float_layers']} layer(s) kept float, "
+                  f"head error {c['head_error']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""``centernet-calibrate`` as a Python API: one calibration run -> one output folder.
+
+Order of work: calibration set -> streaming statistics -> per-tensor amax (TensorRT cache + summary) ->
+[int8] label-free sensitivity -> mixed precision -> TensorRT Q/DQ model + ONNX Runtime CPU int8 model ->
+[fp16] fp16 model. Every decision (method in ``auto`` mode, which layers stay float) uses only the
+calibration images; annotations are never read here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from centernet_edge.calib_data.batches import effective_batch_size
+from centernet_edge.calib_data.images import read_bgr
+from centernet_edge.calib_data.provenance import file_sha256
+from centernet_edge.calib_data.sources import CalibrationSet, load_calibration_set
+from centernet_edge.runtime.atomic import atomic_write_text
+from centernet_edge.runtime.preprocess import prepare_batch
+from centernet_edge.runtime.spec import ModelSpec, load_spec
+
+from .artifacts import derived_spec, save_model
+from .fp16 import convert_fp16
+from .graph import ensure_node_names
+from .head_error import HeadProbe
+from .mixed import DEFAULT_BUDGET, MixedResult, search_mixed_precision, write_precision
+from .ort_cpu_int8 import CpuInt8Config, build_ort_cpu_int8, ort_ranges
+from .placement import Placement, plan_placement
+from .qdq import build_qdq_model
+from .sensitivity import layer_sensitivity, write_sensitivity
+from .stats import CalibrationStats, collect_calibration_stats
+from .tensors import calibration_tensors
+from .thresholds import METHODS, compute_amaxes
+from .trt_cache import (
+    DEFAULT_TRT_VERSION,
+    calibration_summary,
+    check_reusable,
+    read_summary,
+    render_cache,
+    trt_version_int,
+    write_cache,
+    write_summary,
+)
+
+__all__ = ["ARTIFACTS", "CalibrateOptions", "CalibrateResult", "calibrate"]
+
+log = logging.getLogger("centernet_edge.quantize")
+
+ARTIFACTS = {
+    "cache": "calibration.cache",
+    "qdq": "model_int8_qdq.onnx",
+    "cpu": "model_int8_cpu.onnx",
+    "fp16": "model_fp16.onnx",
+    "sensitivity_json": "sensitivity.json",
+    "sensitivity_md": "sensitivity.md",
+    "precision": "precision.json",
+    "summary": "summary.json",
+    "timings": "timings.json",
+}
+METHOD_CHOICES = (*METHODS, "auto")
+
+
+@dataclass
+class CalibrateOptions:
+    model: Path
+    images: Path
+    out_dir: Path
+    model_spec: Path | None = None
+    images_dir: Path | None = None
+    num_images: int | None = 500
+    seed: int = 0
+    int8: bool = True
+    fp16: bool = True
+    method: str = "auto"
+    percentile: float = 99.99
+    budget: float | None = DEFAULT_BUDGET  # None: every eligible layer int8 (no mixed precision)
+    max_float: int | None = None
+    sensitivity_images: int = 32
+    cpu_float: str = "none"  # "mixed": the CPU model keeps the mixed-precision float layers too
+    cpu_format: str = "qoperator"  # or "qdq" (see CpuInt8Config)
+    cpu_float_heads: bool = False  # keep the head convs float in the CPU model (slower, closer to fp32)
+    trt_version: str | int = DEFAULT_TRT_VERSION
+    force: bool = False
+    threads: int = 1
+    batch_size: int | None = None
+    stats_cache: Path | None = None  # keep/reuse the activation statistics (.npz) here
+    progress: bool = True
+
+
+@dataclass
+class CalibrateResult:
+    out_dir: Path
+    method: str
+    amax: dict[str, float]
+    artifacts: dict[str, Path] = field(default_factory=dict)
+    mixed: MixedResult | None = None
+    method_errors: dict[str, float] = field(default_factory=dict)
+    reused_cache: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+    cpu_int8: dict[str, Any] | None = None
+
+
+def _say(options: CalibrateOptions, message: str) -> None:
+    log.info(message)
+    if options.progress:
+        print(f"[centernet-calibrate] {message}", flush=True)
+
+
+def _method_options(options: CalibrateOptions, method: str) -> dict[str, Any]:
+    return {"percentile": options.percentile} if method == "percentile" else {}
+
+
+def _amaxes(stats: CalibrationStats, method: str, options: CalibrateOptions) -> dict[str, float]:
+    return compute_amaxes(stats.tensors, method, **_method_options(options, method))
+
+
+def _probe_batches(calib: CalibrationSet, spec: ModelSpec, count: int
+                   ) -> list[tuple[np.ndarray, list[Any]]]:
+    """The first ``count`` readable calibration images as graph-input batches (label-free probe set)."""
+    size = effective_batch_size(spec, None)
+    images: list[np.ndarray] = []
+    for path in calib.paths:
+        img = read_bgr(path)
+        if img is not None:
+            images.append(img)
+        if len(images) >= count:
+            break
+    usable = len(images) - len(images) % size
+    if usable == 0:
+        raise ValueError(f"no readable calibration image batch of {size} for the sensitivity probe")
+    return [prepare_batch(images[i:i + size], spec) for i in range(0, usable, size)]
+
+
+def _choose_method(model: onnx.ModelProto, placement: Placement, stats: CalibrationStats, probe: HeadProbe,
+                   options: CalibrateOptions) -> tuple[str, dict[str, float]]:
+    """``auto``: the method whose all-int8 model drifts least from fp32 on the probe images."""
+    errors: dict[str, float] = {}
+    for method in METHODS:
+        amax = _amaxes(stats, method, options)
+        errors[method] = probe.measure(build_qdq_model(model, placement.layers, amax)).head_error
+        _say(options, f"method {method}: all-int8 head error {errors[method]:.4f}")
+    best = min(METHODS, key=lambda m: (errors[m], METHODS.index(m)))
+    return best, errors
+
+
+def calibrate(options: CalibrateOptions) -> CalibrateResult:
+    """Run one calibration (see module docstring) and write the artifacts into ``options.out_dir``.
+
+    The TensorRT cache and summary are always written (they are what calibration produces); ``int8`` and
+    ``fp16`` choose which models are written besides them.
+    """
+    if options.method not in METHOD_CHOICES:
+        raise ValueError(f"unknown method {options.method!r}; choose one of {', '.join(METHOD_CHOICES)}")
+    if not (options.int8 or options.fp16):
+        raise ValueError("nothing to do: enable --int8 and/or --fp16")
+    if options.cpu_float not in ("none", "mixed"):
+        raise ValueError(f"cpu_float must be 'none' or 'mixed'; got {options.cpu_float!r}")
+    model_path = Path(options.model)
+    if not model_path.is_file():
+        raise FileNotFoundError(f"model not found: {model_path}")
+    spec = load_spec(model_path, options.model_spec)
+    foreign = options.model_spec is not None
+    out = Path(options.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {key: out / name for key, name in ARTIFACTS.items()}
+    trt_version = trt_version_int(options.trt_version)
+
+    clock = _Clock()
+    model = ensure_node_names(onnx.load(str(model_path)))
+    model_sha = file_sha256(model_path)
+    placement = plan_placement(model)
+    calib = load_calibration_set(options.images, images_dir=options.images_dir,
+                                 num_images=options.num_images, seed=options.seed)
+    _say(options, f"{len(placement.layers)} int8-eligible layers; calibrating on {len(calib)} image(s)")
+
+    reused = check_reusable(paths["cache"], model_sha256=model_sha, dataset_hash=calib.dataset_hash,
+                            method=options.method, method_options=_method_options(options, options.method),
+                            summary_path=paths["summary"], force=options.force)
+    stats: CalibrationStats | None = None
+    method_errors: dict[str, float] = {}
+    probe: HeadProbe | None = None
+    if reused:
+        recorded = read_summary(paths["summary"])
+        amax = {k: float(v) for k, v in recorded["amax"].items()}
+        method = str(recorded.get("selected_method", options.method))
+        observed = {k: tuple(v) for k, v in recorded.get("observed_range", {}).items()}
+        _say(options, f"reusing calibration in {out} (same model, images and method)")
+    else:
+        tensors = list(dict.fromkeys(calibration_tensors(model, spec) + placement.activation_tensors()))
+        stats = collect_calibration_stats(model_path, spec, calib, tensors=tensors,
+                                          batch_size=options.batch_size, cache_dir=options.stats_cache,
+                                          progress=options.progress, intra_op_num_threads=options.threads)
+        observed = {n: (s.min, s.max) for n, s in stats.tensors.items()}
+        method = options.method
+        if method == "auto":
+            probe = _make_probe(model, spec, calib, options)
+            method, method_errors = _choose_method(model, placement, stats, probe, options)
+            _say(options, f"auto method: {method}")
+        amax = _amaxes(stats, method, options)
+    # Rewritten even when reused: equal ranges give equal bytes, and --trt-version may have changed.
+    write_cache(paths["cache"], amax, method=method, trt_version=trt_version)
+    clock.lap("statistics_and_ranges")
+
+    result = CalibrateResult(out, method, amax, {"cache": paths["cache"]}, None, method_errors, reused)
+    provenance = {"calibration_method": method, "calibration_images": len(calib),
+                  "calibration_dataset_hash": calib.dataset_hash, "source_model_sha256": model_sha}
+
+    if options.int8:
+        probe = probe or _make_probe(model, spec, calib, options)
+        mixed, cpu_info = _int8_artifacts(model, spec, placement, amax, observed, probe, options, paths,
+                                          provenance, foreign, method, clock)
+        result.mixed = mixed
+        result.cpu_int8 = cpu_info
+        for key in ("qdq", "cpu", "sensitivity_json", "sensitivity_md", "precision"):
+            if paths[key].exists():
+                result.artifacts[key] = paths[key]
+    if options.fp16:
+        _say(options, "writing fp16 model")
+        fp16 = convert_fp16(model, placement.regions)
+        save_model(fp16, paths["fp16"], derived_spec(spec, "fp16", provenance), sidecar=foreign)
+        result.artifacts["fp16"] = paths["fp16"]
+        clock.lap("fp16")
+
+    extra = {
+        "selected_method": method,
+        "method_head_errors": method_errors,
+        "calibration_set": calib.summary(),
+        "model_spec_name": spec.name,
+        "observed_range": {k: [float(v[0]), float(v[1])] for k, v in sorted(observed.items())},
+        "float_layers": list(result.mixed.float_layers) if result.mixed else [],
+        "int8_head_error": result.mixed.error.to_dict() if result.mixed else None,
+        "cpu_int8": result.cpu_int8,
+        "artifacts": {key: p.name for key, p in sorted(result.artifacts.items())},
+    }
+    summary = calibration_summary(
+        model_sha256=model_sha, dataset_hash=calib.dataset_hash, method=options.method, amaxes=amax,
+        method_options=_method_options(options, options.method), num_images=len(calib),
+        trt_header=render_cache({}, method=method, trt_version=trt_version).strip(), extra=extra,
+    )
+    write_summary(paths["summary"], summary)
+    result.artifacts["summary"] = paths["summary"]
+    result.timings = clock.laps
+    # Wall times live apart from summary.json so that equal inputs still give byte-identical summaries.
+    timing_doc = {"seconds": clock.laps, "images": len(calib)}
+    atomic_write_text(paths["timings"], json.dumps(timing_doc, indent=2) + "\n")
+    result.artifacts["timings"] = paths["timings"]
+    return result
+
+
+class _Clock:
+    """Wall time per pipeline stage."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._last, 3)
+        self._last = now
+
+
+def _make_probe(model: onnx.ModelProto, spec: ModelSpec, calib: CalibrationSet, options: CalibrateOptions
+                ) -> HeadProbe:
+    probe = HeadProbe(spec, _probe_batches(calib, spec, options.sensitivity_images), threads=options.threads)
+    probe.set_reference(model)
+    return probe
+
+
+def _int8_artifacts(model: onnx.ModelProto, spec: ModelSpec, placement: Placement, amax: dict[str, float],
+                    observed: dict[str, tuple[float, float]], probe: HeadProbe, options: CalibrateOptions,
+                    paths: dict[str, Path], provenance: dict[str, Any], foreign: bool, method: str,
+                    clock: _Clock) -> tuple[MixedResult, dict[str, Any] | None]:
+    meta = {"method": method, "probe_images": probe.images, "layers": len(placement.layers)}
+    _say(options, f"sensitivity of {len(placement.layers)} layers on {probe.images} calibration image(s)")
+    ranking = layer_sensitivity(model, placement.layers, amax, probe, progress=options.progress)
+    write_sensitivity(ranking, paths["sensitivity_json"], paths["sensitivity_md"], meta)
+    clock.lap("sensitivity")
+    if options.budget is None:
+        all_int8 = probe.measure(build_qdq_model(model, placement.layers, amax))
+        mixed = MixedResult(float("inf"), [], all_int8, [(0, all_int8)], True)
+    else:
+        mixed = search_mixed_precision(model, placement, amax, ranking, probe, options.budget,
+                                       options.max_float, progress=lambda m: _say(options, m))
+    if not mixed.met_budget:
+        log.warning("head-error budget %.4f not met even with %d float layers (error %.4f)",
+                    mixed.budget, len(mixed.float_layers), mixed.error.head_error)
+    clock.lap("mixed_precision_search")
+    _say(options, f"{len(mixed.float_layers)} layer(s) kept float; head error {mixed.error.head_error:.4f}")
+    ops = {n.name: n.op_type for n in model.graph.node}
+    write_precision(paths["precision"], placement, mixed, ops, meta)
+    precision = "int8-mixed" if mixed.float_layers else "int8"
+    extra = {**provenance, "float_layers": len(mixed.float_layers),
+             "head_error": round(mixed.error.head_error, 6)}
+    qdq = build_qdq_model(model, placement.select(mixed.float_layers), amax)
+    save_model(qdq, paths["qdq"], derived_spec(spec, precision, {**extra, "int8_format": "qdq-tensorrt"}),
+               sidecar=foreign)
+    cpu_info = _cpu_artifact(model, spec, placement, amax, observed, probe, options, paths, provenance,
+                             foreign, mixed.float_layers if options.cpu_float == "mixed" else [])
+    clock.lap("int8_artifacts")
+    return mixed, cpu_info
+
+
+def _cpu_artifact(model: onnx.ModelProto, spec: ModelSpec, placement: Placement, amax: dict[str, float],
+                  observed: dict[str, tuple[float, float]], probe: HeadProbe, options: CalibrateOptions,
+                  paths: dict[str, Path], provenance: dict[str, Any], foreign: bool, keep_float: list[str]
+                  ) -> dict[str, Any] | None:
+    """model_int8_cpu.onnx. By default every eligible op is int8: ONNX Runtime's CPU speed comes only
+    from long integer chains, and float islands cost more in Q/DQ transitions than they return (measured
+    on mb3: keeping layers float made the CPU model slower than fp32 without recovering its accuracy,
+    which is lost in the quantized elementwise ops around them). Its head error is recorded so the
+    accuracy cost is visible."""
+    _say(options, "writing ONNX Runtime CPU int8 model")
+    try:
+        cpu = build_ort_cpu_int8(model, ort_ranges(amax, observed), keep_float=keep_float,
+                                 config=CpuInt8Config(fmt=options.cpu_format,
+                                                      float_head_outputs=options.cpu_float_heads),
+                                 regions=placement.regions)
+    except Exception as exc:  # ONNX Runtime's quantizer rejects some graphs; the TensorRT artifacts stand
+        log.warning("ONNX Runtime CPU int8 model not written: %s: %s", type(exc).__name__, exc)
+        paths["cpu"].unlink(missing_ok=True)  # never leave a stale one from an earlier run beside new ones
+        return None
+    error = probe.measure(cpu).head_error
+    info = {"float_layers": len(keep_float), "format": options.cpu_format,
+            "float_head_outputs": options.cpu_float_heads, "head_error": round(error, 6)}
+    label = "int8-mixed" if keep_float else "int8"
+    extra = {**provenance, **info, "int8_format": f"ort-cpu-u8s8-{options.cpu_format}"}
+    save_model(cpu, paths["cpu"], derived_spec(spec, label, extra), sidecar=foreign)
+    _say(options, f"CPU int8 model: {len(keep_float)} layer(s) float, head error {error:.4f}")
+    return info
+

@@ -1,0 +1,424 @@
+"""The calibration benchmark of the issue, on the real mb3 CenterNet (foreign ONNX, COCO-trained).
+
+    python scripts/bench_calibration.py --work bench_calib            # everything (~30 min on 1 core)
+    python scripts/bench_calibration.py --work bench_calib --skip-calibration   # reuse the two runs
+
+1. ``centernet-calibrate`` with 100 and with 500 images of ``coco/calib_val2017`` (``--method auto``:
+   the range method and the float layers are chosen label-free on calibration images), each in its own
+   process: wall time per stage and peak RSS of the process tree;
+2. AP on ``coco/val2017`` + ``instances_val2017_dev103.json`` through the shared evaluator (the dev
+   annotations only *measure*; nothing is tuned on them): fp32, fp16 (artifact as ONNX Runtime CPU runs
+   it, and the fp16-rounding simulation), int8 Q/DQ mixed precision, int8 with every eligible layer for
+   each range method, the ONNX Runtime CPU int8 model, and a trade-off curve over the number of layers
+   kept float (most sensitive first);
+3. CPU latency, inference only, batch 1, the same thread count for every model, interleaved
+   round-robin in one process (so load changes hit every model alike): fp32 vs the int8 models.
+
+Prints Markdown tables and writes ``<work>/bench_results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import psutil
+
+from centernet_edge.calib_data.sources import load_calibration_set
+from centernet_edge.eval.dataset import load_coco_dataset
+from centernet_edge.eval.evaluate import evaluate_models, resolve_model
+from centernet_edge.quantize.artifacts import derived_spec, save_model
+from centernet_edge.quantize.fp16 import simulate_fp16
+from centernet_edge.quantize.graph import ensure_node_names
+from centernet_edge.quantize.head_error import HeadProbe, session_for
+from centernet_edge.quantize.ort_cpu_int8 import CpuInt8Config, build_ort_cpu_int8, ort_ranges
+from centernet_edge.quantize.placement import plan_placement
+from centernet_edge.quantize.qdq import build_qdq_model
+from centernet_edge.quantize.stats import collect_calibration_stats
+from centernet_edge.quantize.tensors import calibration_tensors
+from centernet_edge.quantize.thresholds import METHODS, compute_amaxes
+from centernet_edge.runtime.preprocess import prepare_batch
+from centernet_edge.runtime.runners import RunnerOptions
+from centernet_edge.runtime.spec import ModelSpec, load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+DESCRIPTION = REPO / "eval" / "model_descriptions" / "mb3_centernet_coco.json"
+
+
+def _shared() -> Path:
+    env = os.environ.get("CENTERNET_EDGE_SHARED")
+    return Path(env) if env else REPO.parent / "shared"
+
+
+# ---- 1. calibration runs ------------------------------------------------------------------------
+
+
+def _tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def run_calibration(model: Path, images: Path, num: int, out: Path, stats_cache: Path, threads: int) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "centernet_edge.quantize.cli",
+        str(model),
+        "--model-spec",
+        str(DESCRIPTION),
+        "--images",
+        str(images),
+        "--num-images",
+        str(num),
+        "--method",
+        "auto",
+        "-o",
+        str(out),
+        "--stats-cache",
+        str(stats_cache),
+        "--threads",
+        str(threads),
+        "--force",
+        "--quiet",
+    ]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    ps = psutil.Process(proc.pid)
+    peak = 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, _tree_rss(ps))
+            stop.wait(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    code = proc.wait()
+    stop.set()
+    sampler.join()
+    wall = time.perf_counter() - start
+    if code != 0:
+        raise SystemExit(f"centernet-calibrate failed ({code}) for {num} images")
+    stages = json.loads((out / "timings.json").read_text())["seconds"]
+    return {"images": num, "wall_s": round(wall, 1), "peak_rss_mb": round(peak / 2**20), "stages_s": stages}
+
+
+# ---- 2. models to evaluate ------------------------------------------------------------------------
+
+
+def _save(model: onnx.ModelProto, path: Path, spec: ModelSpec, precision: str, **extra: Any) -> Path:
+    save_model(model, path, derived_spec(spec, precision, extra))
+    return path
+
+
+# ONNX Runtime CPU int8 configurations: label -> (format, head convs float, layers kept float)
+CPU_VARIANTS = {
+    "CPU qoperator": ("qoperator", False, 0),
+    "CPU qoperator, float heads": ("qoperator", True, 0),
+    "CPU qdq": ("qdq", False, 0),
+    "CPU qdq, float heads": ("qdq", True, 0),
+    "CPU qdq, float heads, 8 float layers": ("qdq", True, 8),
+    "CPU qdq, float heads, 32 float layers": ("qdq", True, 32),
+}
+
+
+def build_variants(
+    model_path: Path,
+    spec: ModelSpec,
+    calib_dir: Path,
+    work: Path,
+    run_dir: Path,
+    stats_cache: Path,
+    num_images: int,
+    curve: list[int],
+    threads: int,
+) -> dict[str, Any]:
+    """Every extra model the tables need, written under ``work/models``; returns paths and notes."""
+    models = work / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    model = ensure_node_names(onnx.load(str(model_path)))
+    placement = plan_placement(model)
+    calib = load_calibration_set(calib_dir, num_images=num_images, seed=0)
+    tensors = list(dict.fromkeys(calibration_tensors(model, spec) + placement.activation_tensors()))
+    stats = collect_calibration_stats(
+        model_path,
+        spec,
+        calib,
+        tensors=tensors,
+        cache_dir=stats_cache,
+        progress=False,
+        intra_op_num_threads=threads,
+    )
+    summary = json.loads((run_dir / "summary.json").read_text())
+    method = summary["selected_method"]
+    ranking = [r["layer"] for r in json.loads((run_dir / "sensitivity.json").read_text())["ranking"]]
+    observed = {n: (s.min, s.max) for n, s in stats.tensors.items()}
+    out: dict[str, Any] = {
+        "method": method,
+        "float_layers": summary["float_layers"],
+        "paths": {},
+        "layers": len(placement.layers),
+    }
+    paths = out["paths"]
+    paths["fp16 (simulated rounding)"] = _save(
+        simulate_fp16(model, placement.regions),
+        models / "fp16_sim.onnx",
+        spec,
+        "fp16",
+        note="fp32 graph rounding like fp16",
+    )
+    amaxes = {}
+    for m in METHODS:
+        amaxes[m] = compute_amaxes(stats.tensors, m)
+        paths[f"int8 Q/DQ, all layers, {m}"] = _save(
+            build_qdq_model(model, placement.layers, amaxes[m]),
+            models / f"qdq_all_{m}.onnx",
+            spec,
+            "int8",
+            method=m,
+        )
+    amax = amaxes[method]
+    ranges = ort_ranges(amax, observed)
+    for k in curve:
+        paths[f"curve k={k} Q/DQ"] = _save(
+            build_qdq_model(model, placement.select(ranking[:k]), amax),
+            models / f"qdq_k{k}.onnx",
+            spec,
+            "int8-mixed" if k else "int8",
+        )
+    for label, (fmt, heads, k) in CPU_VARIANTS.items():
+        config = CpuInt8Config(fmt=fmt, float_head_outputs=heads)
+        cpu = build_ort_cpu_int8(
+            model, ranges, keep_float=ranking[:k], config=config, regions=placement.regions
+        )
+        paths[label] = _save(
+            cpu, models / f"cpu_{fmt}_{int(heads)}_{k}.onnx", spec, "int8-mixed" if k else "int8"
+        )
+    # label-free head error of every curve point on the probe images the search used
+    probe_paths = list(calib.paths)[:32]
+    import cv2
+
+    probe = HeadProbe(spec, [prepare_batch([cv2.imread(str(p))], spec) for p in probe_paths], threads=threads)
+    probe.set_reference(model)
+    out["head_error"] = {
+        label: probe.measure(str(path)).head_error
+        for label, path in paths.items()
+        if label.startswith(("curve", "int8", "CPU"))
+    }
+    return out
+
+
+def evaluate(entries: list[tuple[str, Path, Path | None]], coco: Path, threads: int) -> dict[str, dict]:
+    dataset = load_coco_dataset(coco / "annotations" / "instances_val2017_dev103.json", coco / "val2017")
+    resolved = [resolve_model(path, desc, "ort", label) for label, path, desc in entries]
+    result = evaluate_models(
+        resolved,
+        dataset,
+        baseline=0,
+        options=RunnerOptions(providers=["cpu"], threads=threads),
+        progress=True,
+    )
+    rows = {}
+    for run in result.runs:
+        stats = run.metrics.stats
+        agreement = run.agreement.to_dict() if run.agreement else None
+        rows[run.entry.label] = {
+            "AP": round(100 * stats["AP"], 2),
+            "AP50": round(100 * stats["AP50"], 2),
+            "agreement_recall": agreement and agreement.get("recall"),
+        }
+    return rows
+
+
+# ---- 3. latency ---------------------------------------------------------------------------------
+
+
+def latency(models: dict[str, Path], feed: np.ndarray, input_name: str, threads: int, rounds: int) -> dict:
+    sessions = {label: session_for(str(path), threads) for label, path in models.items()}
+    for s in sessions.values():
+        for _ in range(3):
+            s.run(None, {input_name: feed})
+    times: dict[str, list[float]] = {label: [] for label in sessions}
+    for _ in range(rounds):
+        for label, s in sessions.items():  # interleaved: background load hits every model alike
+            t0 = time.perf_counter()
+            s.run(None, {input_name: feed})
+            times[label].append(1e3 * (time.perf_counter() - t0))
+    return {
+        label: {"median_ms": round(float(np.median(t)), 2), "min_ms": round(float(np.min(t)), 2)}
+        for label, t in times.items()
+    }
+
+
+# ---- report -------------------------------------------------------------------------------------
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=Path("bench_calibration"))
+    p.add_argument("--num-images", type=int, default=500)
+    p.add_argument("--small", type=int, default=100)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=30, help="latency rounds per model")
+    p.add_argument("--curve", default="0,1,2,4,8,16,32,64,96")
+    p.add_argument("--skip-calibration", action="store_true")
+    args = p.parse_args(argv)
+
+    shared = _shared() / "data"
+    model_path = shared / "models" / "mb3_centernet_coco.onnx"
+    calib_dir = shared / "coco" / "calib_val2017"
+    spec = load_spec(model_path, DESCRIPTION)
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    stats_cache = work / "stats"
+    results: dict[str, Any] = {"threads": args.threads}
+
+    runs = {n: work / f"calib{n}" for n in (args.small, args.num_images)}
+    if not args.skip_calibration:
+        results["calibration"] = [
+            run_calibration(model_path, calib_dir, n, d, stats_cache, args.threads) for n, d in runs.items()
+        ]
+        (work / "calibration_runs.json").write_text(json.dumps(results["calibration"], indent=2))
+    else:
+        results["calibration"] = json.loads((work / "calibration_runs.json").read_text())
+    main_run = runs[args.num_images]
+    curve = [int(k) for k in args.curve.split(",") if k.strip()]
+    variants = build_variants(
+        model_path, spec, calib_dir, work, main_run, stats_cache, args.num_images, curve, args.threads
+    )
+    results["variants"] = {k: v for k, v in variants.items() if k != "paths"}
+
+    entries: list[tuple[str, Path, Path | None]] = [("fp32", model_path, DESCRIPTION)]
+    entries += [("fp16 (artifact, ORT CPU)", main_run / "model_fp16.onnx", None)]
+    entries += [
+        (f"int8 Q/DQ mixed ({args.num_images} img)", main_run / "model_int8_qdq.onnx", None),
+        (f"int8 Q/DQ mixed ({args.small} img)", runs[args.small] / "model_int8_qdq.onnx", None),
+        (f"int8 CPU artifact ({args.num_images} img)", main_run / "model_int8_cpu.onnx", None),
+    ]
+    entries += [(label, path, None) for label, path in variants["paths"].items()]
+    results["accuracy"] = evaluate(entries, shared / "coco", args.threads)
+
+    import cv2
+
+    first = sorted(calib_dir.glob("*.jpg"))[0]
+    feed, _ = prepare_batch([cv2.imread(str(first))], spec)
+    timed = {
+        "fp32": model_path,
+        "fp16 (artifact, ORT CPU)": main_run / "model_fp16.onnx",
+        "int8 Q/DQ mixed (TensorRT graph in ORT)": main_run / "model_int8_qdq.onnx",
+        "int8 CPU artifact": main_run / "model_int8_cpu.onnx",
+    }
+    timed.update({label: path for label, path in variants["paths"].items() if label.startswith("CPU")})
+    results["latency"] = latency(timed, feed, spec.graph.input.name, args.threads, args.rounds)
+    (work / "bench_results.json").write_text(json.dumps(results, indent=2, default=str))
+    print(report(results, args, curve))
+    return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def report(results: dict[str, Any], args: argparse.Namespace, curve: list[int]) -> str:
+    acc, lat, var = results["accuracy"], results["latency"], results["variants"]
+    fp32_ap = acc["fp32"]["AP"]
+    base_ms = lat["fp32"]["median_ms"]
+    out = [
+        "## Calibration cost",
+        "",
+        _table(
+            [
+                "images",
+                "wall s",
+                "peak RSS MB",
+                "statistics s",
+                "sensitivity s",
+                "mixed search s",
+                "int8 artifacts s",
+            ],
+            [
+                [
+                    c["images"],
+                    c["wall_s"],
+                    c["peak_rss_mb"],
+                    c["stages_s"].get("statistics_and_ranges"),
+                    c["stages_s"].get("sensitivity"),
+                    c["stages_s"].get("mixed_precision_search"),
+                    c["stages_s"].get("int8_artifacts"),
+                ]
+                for c in results["calibration"]
+            ],
+        ),
+    ]
+    out += [
+        "",
+        f"## Accuracy (dev103, fp32 AP {fp32_ap}); selected method: {var['method']}, "
+        f"{len(var['float_layers'])}/{var['layers']} layers kept float",
+        "",
+    ]
+    he = var.get("head_error", {})
+    rows = [
+        [label, r["AP"], f"{r['AP'] - fp32_ap:+.2f}", r["AP50"], _fmt(he.get(label))]
+        for label, r in acc.items()
+    ]
+    out.append(_table(["model", "AP", "ΔAP", "AP50", "head error (label-free)"], rows))
+    out += ["", f"## CPU latency (ONNX Runtime, {results['threads']} thread(s), batch 1, inference only)", ""]
+    out.append(
+        _table(
+            ["model", "median ms", "min ms", "speed-up vs fp32"],
+            [[k, v["median_ms"], v["min_ms"], f"{base_ms / v['median_ms']:.2f}x"] for k, v in lat.items()],
+        )
+    )
+    out += ["", "## TensorRT Q/DQ graph: layers kept float (most sensitive first) vs AP", ""]
+    rows = [
+        [
+            k,
+            _fmt(he.get(f"curve k={k} Q/DQ")),
+            acc[f"curve k={k} Q/DQ"]["AP"],
+            f"{acc[f'curve k={k} Q/DQ']['AP'] - fp32_ap:+.2f}",
+        ]
+        for k in curve
+        if f"curve k={k} Q/DQ" in acc
+    ]
+    out.append(_table(["float layers", "head error", "AP", "ΔAP"], rows))
+    out += ["", "## ONNX Runtime CPU int8: speed vs accuracy", ""]
+    rows = [
+        [
+            label,
+            _fmt(he.get(label)),
+            acc[label]["AP"],
+            f"{acc[label]['AP'] - fp32_ap:+.2f}",
+            lat[label]["median_ms"],
+            f"{base_ms / lat[label]['median_ms']:.2f}x",
+        ]
+        for label in CPU_VARIANTS
+        if label in acc and label in lat
+    ]
+    out.append(_table(["CPU model", "head error", "AP", "ΔAP", "median ms", "speed-up"], rows))
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""``centernet-calibrate`` end to end on a small synthetic CenterNet-like ONNX."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+from quant_synthetic import FRAGILE, synthetic_spec, write_images, write_model
+
+from centernet_edge.calib_data.provenance import file_sha256
+from centernet_edge.quantize.cli import main
+from centernet_edge.quantize.trt_cache import read_cache
+from centernet_edge.runtime.runners import OnnxRuntimeRunner
+from centernet_edge.runtime.spec import ModelSpec
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model = write_model(root / "synthetic.onnx", fragile=True)
+    images = write_images(root / "images", 12, seed=4)
+    return root, model, images
+
+
+def _run(model, images, out, *extra: str) -> int:
+    return main(
+        [
+            str(model),
+            "--images",
+            str(images),
+            "--num-images",
+            "10",
+            "--sensitivity-images",
+            "4",
+            "-o",
+            str(out),
+            "--quiet",
+            *extra,
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def calibrated(inputs):
+    root, model, images = inputs
+    out = root / "out"
+    assert _run(model, images, out, "--method", "minmax", "--budget", "0.05") == 0
+    return out
+
+
+def test_writes_every_artifact(calibrated, inputs):
+    _, model, _ = inputs
+    names = {p.name for p in calibrated.iterdir()}
+    assert {
+        "calibration.cache",
+        "summary.json",
+        "model_int8_qdq.onnx",
+        "model_int8_cpu.onnx",
+        "model_fp16.onnx",
+        "sensitivity.json",
+        "sensitivity.md",
+        "precision.json",
+    } <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    cache = read_cache(calibrated / "calibration.cache")
+    assert cache.version == 101601 and cache.algorithm == "MinMaxCalibration"
+    summary = json.loads((calibrated / "summary.json").read_text())
+    assert summary["model_sha256"] == file_sha256(model)
+    assert (
+        summary["method"] == "minmax" and summary["num_images"] == 10 and len(summary["dataset_hash"]) == 64
+    )
+    assert set(summary["amax"]) == set(cache.amaxes)
+    for name, amax in cache.amaxes.items():
+        assert amax == pytest.approx(summary["amax"][name], rel=1e-6)
+
+
+def test_artifacts_keep_io_and_label_their_precision(calibrated, inputs):
+    _, model, images = inputs
+    original = onnx.load(str(model))
+    io = [
+        (v.name, v.type.tensor_type.elem_type)
+        for v in list(original.graph.input) + list(original.graph.output)
+    ]
+    labels = {}
+    for name in ("model_int8_qdq.onnx", "model_int8_cpu.onnx", "model_fp16.onnx"):
+        artifact = onnx.load(str(calibrated / name))
+        onnx.checker.check_model(artifact)
+        got = [
+            (v.name, v.type.tensor_type.elem_type)
+            for v in list(artifact.graph.input) + list(artifact.graph.output)
+        ]
+        assert got == io, name
+        spec = ModelSpec.from_onnx(artifact)
+        assert spec.graph == synthetic_spec().graph and spec.name == synthetic_spec().name
+        labels[name] = spec.provenance["precision"]
+        assert spec.provenance["calibration_method"] == "minmax"
+    assert labels["model_fp16.onnx"] == "fp16"
+    assert labels["model_int8_qdq.onnx"] in ("int8", "int8-mixed")
+    assert labels["model_int8_cpu.onnx"] == "int8"  # the CPU model is all-int8 unless --cpu-float mixed
+    summary = json.loads((calibrated / "summary.json").read_text())
+    assert summary["cpu_int8"]["float_layers"] == 0 and 0 <= summary["cpu_int8"]["head_error"] <= 1
+    import cv2
+
+    imgs = [cv2.imread(str(p)) for p in sorted(images.glob("*.png"))[:2]]
+    ref = OnnxRuntimeRunner(model).run(imgs)
+    for name in ("model_int8_qdq.onnx", "model_int8_cpu.onnx", "model_fp16.onnx"):
+        runner = OnnxRuntimeRunner(calibrated / name)
+        dets = runner.run(imgs)
+        assert runner.precision == labels[name]
+        assert len(dets) == 2 and len(dets[0]) == len(ref[0])
+
+
+def test_sensitivity_and_precision_reports(calibrated):
+    ranking = json.loads((calibrated / "sensitivity.json").read_text())["ranking"]
+    assert ranking[0]["layer"] == FRAGILE
+    precision = json.loads((calibrated / "precision.json").read_text())
+    assert precision["nodes"][FRAGILE]["precision"] == "float"
+    assert precision["nodes"]["dcn"]["precision"] == "float"
+    assert precision["search"]["budget"] == 0.05
+    qdq = onnx.load(str(calibrated / "model_int8_qdq.onnx"))
+    node = next(n for n in qdq.graph.node if n.name == FRAGILE)
+    producer = {o: n for n in qdq.graph.node for o in n.output}
+    assert producer[node.input[0]].op_type != "DequantizeLinear"
+
+
+def test_cache_is_byte_identical_across_runs(calibrated, inputs, tmp_path):
+    _, model, images = inputs
+    assert _run(model, images, tmp_path / "again", "--method", "minmax", "--budget", "0.05") == 0
+    for name in ("calibration.cache", "summary.json", "model_int8_qdq.onnx", "precision.json"):
+        assert (tmp_path / "again" / name).read_bytes() == (calibrated / name).read_bytes(), name
+
+
+def test_stale_cache_is_refused_then_forced(inputs, tmp_path, capsys):
+    _, model, images = inputs
+    out = tmp_path / "stale"
+    assert _run(model, images, out, "--fp16") == 0
+    before = (out / "calibration.cache").read_bytes()
+    assert _run(model, images, out, "--fp16", "--seed", "7") == 3
+    err = capsys.readouterr().err
+    assert "stale" in err and "dataset_hash" in err and "--force" in err
+    assert (out / "calibration.cache").read_bytes() == before  # untouched
+    assert _run(model, images, out, "--fp16", "--method", "mse") == 3
+    assert "method 'auto' (now 'mse')" in capsys.readouterr().err
+    assert _run(model, images, out, "--fp16", "--seed", "7", "--force") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["calibration_set"]["seed"] == 7
+    # same inputs again: the cache is reused, not recomputed
+    main([str(model), "--images", str(images), "--num-images", "10", "-o", str(out), "--fp16", "--seed", "7"])
+    assert "reusing calibration" in capsys.readouterr().out
+
+
+def test_foreign_model_gets_sidecar_descriptions(inputs, tmp_path):
+    _, _, images = inputs
+    bare = write_model(tmp_path / "bare.onnx", embed_spec=False)
+    spec_path = tmp_path / "bare.json"
+    spec_path.write_text(synthetic_spec().to_json())
+    out = tmp_path / "foreign"
+    assert _run(bare, images, out, "--model-spec", str(spec_path), "--budget", "none") == 0
+    for name in ("model_int8_qdq", "model_int8_cpu", "model_fp16"):
+        side = ModelSpec.from_file(out / f"{name}.json")
+        assert side.graph.input.name == "image" and side.provenance["precision"] in ("int8", "fp16")
+    precision = json.loads((out / "precision.json").read_text())
+    assert precision["float_layers"] == []
+
+
+def test_clear_errors(inputs, tmp_path, capsys):
+    _, model, images = inputs
+    bare = write_model(tmp_path / "bare.onnx", embed_spec=False)
+    assert _run(bare, images, tmp_path / "o1") == 2
+    assert "--model-spec" in capsys.readouterr().err
+    assert _run(model, tmp_path / "nowhere", tmp_path / "o2") == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(model), "--images", str(images), "--budget", "2"])
+    assert "budget must be in [0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_exported_official_architecture(tmp_path, inputs):
+    """resdcn_18 (random weights) through centernet-export: in-graph warp, DeformConv, decode-only."""
+    torch = pytest.importorskip("torch")
+    models = pytest.importorskip("centernet_edge.export.models")
+    export_cli = pytest.importorskip("centernet_edge.export.cli")
+    _, _, images = inputs
+    torch.manual_seed(0)
+    net = models.build_model("resdcn_18", num_classes=4)
+    checkpoint = tmp_path / "rd18.pth"
+    torch.save({"epoch": 0, "state_dict": net.state_dict()}, checkpoint)
+    exported = tmp_path / "rd18.onnx"
+    args = [str(checkpoint), "-o", str(exported), "--input-size", "64", "--batch", "1", "--no-verify", "-q"]
+    assert export_cli.main(args) == 0
+    out = tmp_path / "out"
+    assert _run(exported, images, out, "--method", "minmax") == 0
+    qdq = onnx.load(str(out / "model_int8_qdq.onnx"))
+    producer = {o: n for n in qdq.graph.node for o in n.output}
+    deform = [n for n in qdq.graph.node if n.op_type == "DeformConv"]
+    assert deform
+    for node in deform:
+        assert all(producer.get(i) is None or producer[i].op_type != "DequantizeLinear" for i in node.input)
+    assert any(n.op_type == "DequantizeLinear" for n in qdq.graph.node)
+    original = ModelSpec.from_onnx(onnx.load(str(exported)))
+    for name in ("model_int8_qdq.onnx", "model_fp16.onnx"):
+        spec = ModelSpec.from_onnx(onnx.load(str(out / name)))
+        assert spec.graph == original.graph and spec.preprocess == original.preprocess
+
+
+def test_cpu_model_can_keep_the_mixed_float_layers(inputs, tmp_path):
+    from centernet_edge.quantize.pipeline import CalibrateOptions, calibrate
+
+    _, model, images = inputs
+    options = CalibrateOptions(
+        model=model,
+        images=images,
+        out_dir=tmp_path / "o",
+        num_images=10,
+        method="minmax",
+        budget=0.05,
+        sensitivity_images=4,
+        fp16=False,
+        cpu_float="mixed",
+        cpu_format="qdq",
+        progress=False,
+    )
+    result = calibrate(options)
+    assert result.mixed is not None and FRAGILE in result.mixed.float_layers
+    assert result.cpu_int8["float_layers"] == len(result.mixed.float_layers)
+    assert result.cpu_int8["format"] == "qdq"
+    cpu = onnx.load(str(tmp_path / "o" / "model_int8_cpu.onnx"))
+    assert ModelSpec.from_onnx(cpu).provenance["precision"] == "int8-mixed"
+    node = next(n for n in cpu.graph.node if n.name == FRAGILE)
+    assert node.op_type == "Conv" and node.input[1] in {i.name for i in cpu.graph.initializer}  # float
+    assert not (tmp_path / "o" / "model_fp16.onnx").exists()

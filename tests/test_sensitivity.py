@@ -1,0 +1,98 @@
+"""Label-free sensitivity finds a deliberately fragile layer; mixed precision keeps it float."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from quant_synthetic import FRAGILE, build_synthetic_model, feeds, synthetic_spec, write_images
+
+from centernet_edge.quantize.graph import ensure_node_names
+from centernet_edge.quantize.head_error import HeadProbe, detection_agreement, peak_indices
+from centernet_edge.quantize.mixed import precision_table, search_mixed_precision, write_precision
+from centernet_edge.quantize.placement import plan_placement
+from centernet_edge.quantize.sensitivity import layer_sensitivity, write_sensitivity
+from centernet_edge.runtime.detections import Detections
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    model = ensure_node_names(build_synthetic_model(seed=1, fragile=True, deform=False))
+    spec = synthetic_spec()
+    batches = feeds(spec, write_images(tmp_path_factory.mktemp("sens"), 6, seed=2), 6)
+    placement = plan_placement(model)
+    tensors = placement.activation_tensors()
+    probe_model = onnx.ModelProto()
+    probe_model.CopyFrom(model)
+    del probe_model.graph.output[:]
+    probe_model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors)
+    sess = ort.InferenceSession(probe_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    amax = dict.fromkeys(tensors, 0.0)
+    for x, _ in batches:
+        for name, v in zip(tensors, sess.run(tensors, {"image": x}), strict=True):
+            amax[name] = max(amax[name], float(np.abs(v).max()))
+    probe = HeadProbe(spec, batches)
+    probe.set_reference(model)
+    return model, placement, amax, probe
+
+
+def test_fp32_against_itself_has_zero_error(setup):
+    model, _, _, probe = setup
+    err = probe.measure(model)
+    assert err.head_error == 0 and err.peak_overlap == 1 and err.heatmap_mse == 0 and err.images == 6
+
+
+def test_fragile_layer_ranks_first(setup, tmp_path):
+    model, placement, amax, probe = setup
+    ranking = layer_sensitivity(model, placement.layers, amax, probe, progress=False)
+    assert [r.layer for r in ranking][0] == FRAGILE
+    top, second = ranking[0].error, ranking[1].error
+    assert top.head_error > 2 * second.head_error
+    assert top.heatmap_mse > second.heatmap_mse
+    errors = [r.error.head_error for r in ranking]
+    assert errors == sorted(errors, reverse=True)
+    write_sensitivity(ranking, tmp_path / "s.json", tmp_path / "s.md", {"images": 6})
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert doc["ranking"][0]["layer"] == FRAGILE and doc["meta"]["images"] == 6
+    assert f"| 1 | `{FRAGILE}` |" in (tmp_path / "s.md").read_text()
+
+
+def test_mixed_precision_keeps_the_fragile_layer_float(setup, tmp_path):
+    model, placement, amax, probe = setup
+    ranking = layer_sensitivity(model, placement.layers, amax, probe, progress=False)
+    all_int8 = search_mixed_precision(model, placement, amax, ranking, probe, budget=1.0)
+    assert all_int8.float_layers == []
+    budget = min(0.5 * all_int8.error.head_error, ranking[1].error.head_error * 3)
+    result = search_mixed_precision(model, placement, amax, ranking, probe, budget=budget)
+    assert result.met_budget and result.error.head_error <= budget
+    assert result.float_layers[0] == FRAGILE
+    assert len(result.curve) >= 2 and result.curve[0][0] == 0
+    table = precision_table(placement, result.float_layers)
+    assert table[FRAGILE]["precision"] == "float" and table["peak_pool"]["reason"] == "decode tail"
+    write_precision(tmp_path / "p.json", placement, result)
+    doc = json.loads((tmp_path / "p.json").read_text())
+    assert FRAGILE in doc["float_layers"] and FRAGILE not in doc["int8_layers"]
+    capped = search_mixed_precision(model, placement, amax, ranking, probe, budget=0.0, max_float=0)
+    assert not capped.met_budget and capped.float_layers == []
+
+
+def test_detection_agreement_weights_scores_and_classes():
+    base = Detections(np.array([[0, 0, 10, 10], [20, 20, 30, 30]]), np.array([0.9, 0.1]), np.array([1, 2]))
+    assert detection_agreement(base, base) == pytest.approx(1.0)
+    moved = Detections(np.array([[0, 0, 10, 10], [50, 50, 60, 60]]), np.array([0.9, 0.1]), np.array([1, 2]))
+    assert detection_agreement(base, moved) == pytest.approx(0.9)
+    wrong_class = Detections(base.boxes, base.scores, np.array([0, 2]))
+    assert detection_agreement(base, wrong_class) == pytest.approx(0.1)
+    half_score = Detections(base.boxes, np.array([0.45, 0.1]), base.labels)
+    assert detection_agreement(base, half_score) == pytest.approx((0.9 * 0.5 + 0.1) / 1.0)
+
+
+def test_peak_indices_take_local_maxima_only():
+    heat = np.zeros((2, 5, 5), np.float32)
+    heat[0, 2, 2], heat[0, 2, 3] = 0.9, 0.8  # 0.8 is suppressed by its 3x3 neighbour
+    heat[1, 0, 0] = 0.7
+    idx, scores = peak_indices(heat, 2)
+    assert idx.tolist() == [12, 25] and scores.tolist() == pytest.approx([0.9, 0.7])
