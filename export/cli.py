@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--topk", type=int, default=100, help=f"detections per image, 1..{MAX_TOPK} (default 100)")
     g.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET}")
     g.add_argument("--name", help="model name stored in the spec (default: checkpoint stem)")
+    g.add_argument("--no-optimize", action="store_true",
+                   help="keep the graph as traced (default: fold BN, rewrite ConvTranspose as Conv + interleave)")
     v = p.add_argument_group("verification")
     v.add_argument("--verify-images", type=Path, metavar="DIR",
                    help="images to verify on (default: generated synthetic images of several sizes)")
@@ -97,7 +99,7 @@ def _options(args: argparse.Namespace) -> ExportOptions:
         raise ExportError(f"--verify-count must be >= 1; got {args.verify_count}")
     return ExportOptions(
         keep_res=args.keep_res, input_size=size, preprocess=args.preprocess, decode=not args.no_decode,
-        batch=args.batch, topk=args.topk, opset=args.opset, name=args.name,
+        batch=args.batch, topk=args.topk, opset=args.opset, name=args.name, optimize=not args.no_optimize,
     )
 
 

@@ -33,6 +33,7 @@ from centernet_edge.runtime.spec import (
 )
 
 from .graph import ExportGraph
+from .optimize import optimize_graph
 
 __all__ = [
     "ExportError",
@@ -63,6 +64,8 @@ class ExportOptions:
     input_size: (height, width) of the network input for the fixed-size affine warp (default 512x512);
     must be None with keep_res (the paper protocol: each image padded to ((h|pad)+1, (w|pad)+1)).
     batch: fixed batch size, or None for a dynamic one.
+    optimize: apply the graph rewrites of :mod:`.optimize` (same values up to float32 summation order;
+    ConvTranspose becomes Conv + a one-hot interleave). False keeps the graph as traced.
     """
 
     keep_res: bool = False
@@ -73,6 +76,7 @@ class ExportOptions:
     topk: int = 100
     opset: int = MIN_OPSET
     name: str | None = None
+    optimize: bool = True
 
     def network_size(self) -> tuple[int, int] | None:
         if self.keep_res:
@@ -364,6 +368,10 @@ def export_onnx(model: nn.Module, spec: ModelSpec, options: ExportOptions, input
     onnx_model = _trace(module, _example_input(options, input_multiple), options, input_name, names, dynamic)
     _constants_to_initializers(onnx_model)
     _fold_identities(onnx_model)
+    if options.optimize:
+        applied = optimize_graph(onnx_model)
+        # The artifact says which rewrites changed it: downstream tools (quantization) see their nodes.
+        spec.provenance["graph_rewrites"] = {name: count for name, count in applied.items() if count}
     if options.decode:
         _drop_outputs(onnx_model, HEAD_NAMES)
     _set_io_shapes(onnx_model, spec)

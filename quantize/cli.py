@@ -97,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TensorRT version for the cache header: 10.16.1, 8.6.1 or NV_TENSORRT_VERSION "
                         "(default: 10.16.1)")
     p.add_argument("--threads", type=_positive, default=1,
-                   help="ONNX Runtime intra-op threads (default: %(default)s)")
+                   help="ONNX Runtime intra-op threads per run (default: %(default)s)")
+    p.add_argument("--workers", type=_positive,
+                   help="ONNX Runtime runs at once: images in the statistics passes, layers or images in the "
+                        "sensitivity analysis (default: available cores / --threads); results do not depend on it")
     p.add_argument("--batch-size", type=_positive, help="calibration batch (default: the graph's, else 1)")
     p.add_argument("--stats-cache", type=Path, help="folder to keep and reuse activation statistics in")
     p.add_argument("-o", "--out-dir", type=Path, default=Path("calibration"),
@@ -117,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         int8=args.int8 or both, fp16=args.fp16 or both, method=args.method, percentile=args.percentile,
         budget=args.budget, max_float=args.max_float, sensitivity_images=args.sensitivity_images,
         cpu_float=args.cpu_float, cpu_format=args.cpu_format, cpu_float_heads=args.cpu_float_heads,
-        trt_version=args.trt_version, force=args.force, threads=args.threads, batch_size=args.batch_size,
+        trt_version=args.trt_version, force=args.force, threads=args.threads, workers=args.workers,
+        batch_size=args.batch_size,
         stats_cache=args.stats_cache, progress=not args.quiet,
     )
     try:

@@ -32,6 +32,7 @@ from .graph import ensure_node_names
 from .head_error import HeadProbe
 from .mixed import DEFAULT_BUDGET, MixedResult, search_mixed_precision, write_precision
 from .ort_cpu_int8 import CpuInt8Config, build_ort_cpu_int8, ort_ranges
+from .parallel import default_workers
 from .placement import Placement, plan_placement
 from .qdq import build_qdq_model
 from .sensitivity import layer_sensitivity, write_sensitivity
@@ -89,6 +90,7 @@ class CalibrateOptions:
     trt_version: str | int = DEFAULT_TRT_VERSION
     force: bool = False
     threads: int = 1
+    workers: int | None = None  # ONNX Runtime runs at once (default: cores / threads); results do not depend on it
     batch_size: int | None = None
     stats_cache: Path | None = None  # keep/reuse the activation statistics (.npz) here
     progress: bool = True
@@ -111,6 +113,11 @@ def _say(options: CalibrateOptions, message: str) -> None:
     log.info(message)
     if options.progress:
         print(f"[centernet-calibrate] {message}", flush=True)
+
+
+def _workers(options: CalibrateOptions) -> int:
+    # By default the cores are shared out between runs, not oversubscribed by multi-threaded runs.
+    return options.workers or max(1, default_workers() // max(1, options.threads))
 
 
 def _method_options(options: CalibrateOptions, method: str) -> dict[str, Any]:
@@ -196,7 +203,8 @@ def calibrate(options: CalibrateOptions) -> CalibrateResult:
         tensors = list(dict.fromkeys(calibration_tensors(model, spec) + placement.activation_tensors()))
         stats = collect_calibration_stats(model_path, spec, calib, tensors=tensors,
                                           batch_size=options.batch_size, cache_dir=options.stats_cache,
-                                          progress=options.progress, intra_op_num_threads=options.threads)
+                                          progress=options.progress, intra_op_num_threads=options.threads,
+                                          workers=_workers(options))
         observed = {n: (s.min, s.max) for n, s in stats.tensors.items()}
         method = options.method
         if method == "auto":
@@ -269,7 +277,8 @@ class _Clock:
 
 def _make_probe(model: onnx.ModelProto, spec: ModelSpec, calib: CalibrationSet, options: CalibrateOptions
                 ) -> HeadProbe:
-    probe = HeadProbe(spec, _probe_batches(calib, spec, options.sensitivity_images), threads=options.threads)
+    probe = HeadProbe(spec, _probe_batches(calib, spec, options.sensitivity_images), threads=options.threads,
+                      workers=_workers(options))
     probe.set_reference(model)
     return probe
 
@@ -280,7 +289,8 @@ def _int8_artifacts(model: onnx.ModelProto, spec: ModelSpec, placement: Placemen
                     clock: _Clock) -> tuple[MixedResult, dict[str, Any] | None]:
     meta = {"method": method, "probe_images": probe.images, "layers": len(placement.layers)}
     _say(options, f"sensitivity of {len(placement.layers)} layers on {probe.images} calibration image(s)")
-    ranking = layer_sensitivity(model, placement.layers, amax, probe, progress=options.progress)
+    ranking = layer_sensitivity(model, placement.layers, amax, probe, progress=options.progress,
+                                workers=_workers(options))
     write_sensitivity(ranking, paths["sensitivity_json"], paths["sensitivity_md"], meta)
     clock.lap("sensitivity")
     if options.budget is None:

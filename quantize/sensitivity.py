@@ -19,6 +19,7 @@ import onnx
 from centernet_edge.runtime.atomic import atomic_write_text
 
 from .head_error import HeadError, HeadProbe
+from .parallel import map_ordered
 from .placement import QuantLayer
 from .qdq import build_qdq_model
 
@@ -46,17 +47,25 @@ def layer_sensitivity(
     amax: Mapping[str, float],
     probe: HeadProbe,
     progress: bool = True,
+    workers: int = 1,
 ) -> list[LayerSensitivity]:
     """Head error with only one layer in int8, for every layer; most sensitive first.
 
-    ``probe`` must already hold the fp32 reference (:meth:`HeadProbe.set_reference`).
+    ``probe`` must already hold the fp32 reference (:meth:`HeadProbe.set_reference`). ``workers``
+    candidates are built and measured at once (each measurement is independent of the others, so the
+    ranking does not depend on it).
     """
     from tqdm import tqdm
 
-    results = []
-    for layer in tqdm(layers, desc="sensitivity", unit="layer", disable=not progress, leave=False):
+    inner = 1 if workers > 1 else None  # layers in parallel already: each one's images in sequence
+
+    def one(layer: QuantLayer) -> LayerSensitivity:
         candidate = build_qdq_model(model, [layer], amax)
-        results.append(LayerSensitivity(layer.name, layer.op_type, probe.measure(candidate)))
+        return LayerSensitivity(layer.name, layer.op_type, probe.measure(candidate, workers=inner))
+
+    measured = map_ordered(one, list(layers), workers)
+    results = list(tqdm(measured, total=len(layers), desc="sensitivity", unit="layer", disable=not progress,
+                        leave=False))
     return sorted(results, key=_sort_key)
 
 

@@ -3,16 +3,18 @@
 Two passes over the images, nothing kept per image (memory depends on the model and the batch, never on
 the number of images):
 
-1. ranges: the graph is given, per calibrated tensor, in-graph ``ReduceMax(Abs(x))``, ``ReduceMin(x)`` and
-   ``ReduceMax(x)`` outputs, so only scalars leave ONNX Runtime; they are max/min-accumulated.
+1. ranges: the graph is given, per calibrated tensor, in-graph ``ReduceMin(x)`` and ``ReduceMax(x)``
+   outputs, so only scalars leave ONNX Runtime; they are min/max-accumulated, and ``absmax`` is
+   ``max(-min, max)``, which equals ``max(|x|)`` exactly (an in-graph ``Abs`` would cost a full copy).
 2. histograms: the tensors themselves become graph outputs and each batch is binned at once into
    ``num_bins`` bins of ``|x|`` over ``[0, absmax]`` (ncnn's rule: ``min(int(|x| * num_bins / absmax),
    num_bins - 1)`` in float32), exact zeros counted apart; the arrays are dropped before the next batch.
 
 Only the part of the graph that the tensors depend on is run (decode tails and extra inputs are pruned
-away). Counts are integers and maxima are order-independent, so results do not depend on batching; with
-a fixed thread count ONNX Runtime's CPU kernels are deterministic, which makes the statistics (and the
-caches built from them) reproducible byte for byte.
+away). Counts are integers and maxima are order-independent, so results do not depend on batching nor on
+how many batches run at once (``workers``, see :mod:`parallel`); with a fixed intra-op thread count ONNX
+Runtime's CPU kernels are deterministic, which makes the statistics (and the caches built from them)
+reproducible byte for byte.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,7 @@ from centernet_edge.calib_data.sources import CalibrationSet
 from centernet_edge.runtime.atomic import atomic_path
 from centernet_edge.runtime.spec import ModelSpec
 
+from .parallel import consume, default_workers
 from .tensors import calibration_tensors
 
 __all__ = [
@@ -178,7 +182,7 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def range_model(model: onnx.ModelProto, tensors: Sequence[str]) -> tuple[onnx.ModelProto, list[str]]:
-    """Pass-1 model: for each tensor three scalar outputs, absmax, min and max (in that order)."""
+    """Pass-1 model: for each tensor two scalar outputs, min and max (in that order)."""
     pruned = prune_to_outputs(model, tensors)
     types = _elem_types(pruned)
     g = pruned.graph
@@ -189,14 +193,12 @@ def range_model(model: onnx.ModelProto, tensors: Sequence[str]) -> tuple[onnx.Mo
             # float16/64 activations are measured in float32, like the histograms
             src = f"{_PREFIX}f32_{i}"
             g.node.append(helper.make_node("Cast", [name], [src], to=TensorProto.FLOAT))
-        absx, amax, lo, hi = (f"{_PREFIX}{kind}_{i}" for kind in ("abs", "absmax", "min", "max"))
+        lo, hi = (f"{_PREFIX}{kind}_{i}" for kind in ("min", "max"))
         g.node.extend([
-            helper.make_node("Abs", [src], [absx]),
-            helper.make_node("ReduceMax", [absx], [amax], keepdims=0),
             helper.make_node("ReduceMin", [src], [lo], keepdims=0),
             helper.make_node("ReduceMax", [src], [hi], keepdims=0),
         ])
-        outputs.extend([amax, lo, hi])
+        outputs.extend([lo, hi])
     del g.output[:]
     g.output.extend(onnx.ValueInfoProto(name=o) for o in outputs)
     return pruned, outputs
@@ -210,7 +212,7 @@ def histogram_model(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.Mode
 # ---- collection -----------------------------------------------------------------------------------
 
 
-def _session(model: onnx.ModelProto, threads: int | None, providers: Sequence[str] | None) -> Any:
+def _session(model: onnx.ModelProto | bytes, threads: int | None, providers: Sequence[str] | None) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -218,7 +220,12 @@ def _session(model: onnx.ModelProto, threads: int | None, providers: Sequence[st
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     opts.log_severity_level = 3  # pruning leaves nothing unused, but ORT still chats about initializers
-    return ort.InferenceSession(model.SerializeToString(), opts,
+    # Runs happen on worker threads, where ONNX Runtime's planned memory block was measured to be mapped
+    # afresh on every run (page faults costing as much as a third of the run); the plan only decides
+    # where intermediate tensors live, not what is computed.
+    opts.enable_mem_pattern = False
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    return ort.InferenceSession(data, opts,
                                 providers=list(providers or ["CPUExecutionProvider"]))
 
 
@@ -230,30 +237,114 @@ def _progress(iterable: Iterable[Any], total: int | None, desc: str, enabled: bo
     return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False)
 
 
-class _Binner:
-    """Histogram of |x| into ``num_bins`` bins (index ``int(|x| * scale)``, clipped) plus exact-zero count.
+# Elements binned per step. The float and index scratch (3 MB) stays in cache, so abs, scale, cast and
+# bincount re-read cached data instead of streaming each activation from memory once per step; and the
+# steps are long enough that workers rarely hand the GIL to each other (with 32K-element steps two
+# workers lost ~15% of their time to GIL hand-offs; from 256K on it is negligible, measured on mb3).
+_CHUNK = 1 << 18
+# Memory the concurrent histogram runs may take, each counted as twice its outputs (ONNX Runtime's own
+# working memory besides): bounds peak memory on many-core machines; mb3 at 512x512 (~340 MB of outputs
+# per image) gets two concurrent images.
+_HISTOGRAM_BYTES_IN_FLIGHT = 3 << 29
 
-    Works in place on the activation (ONNX Runtime hands us a private copy) and reuses one index buffer,
-    so binning allocates nothing per tensor; np.bincount dominates the cost.
-    """
+
+class _Binner:
+    """Histogram of |x| into ``num_bins`` bins (index ``min(int(|x| * scale), num_bins - 1)``) plus the
+    exact-zero count, chunk by chunk through fixed scratch buffers: nothing is allocated per tensor and
+    the activation itself is only read. np.bincount dominates the cost."""
 
     def __init__(self, num_bins: int):
         self.num_bins = num_bins
-        self._index = np.empty(0, dtype=np.intp)
+        self._values = np.empty(_CHUNK, dtype=np.float32)
+        self._index = np.empty(_CHUNK, dtype=np.intp)
+        self._counts = np.zeros(num_bins + 2, dtype=np.int64)
 
-    def __call__(self, x: np.ndarray, scale: np.float32) -> tuple[np.ndarray, int]:
-        if x.dtype != np.float32 or not x.flags.writeable or not x.flags.c_contiguous:
-            x = np.array(x, dtype=np.float32, order="C", copy=True)
-        a = x.reshape(-1)
-        np.abs(a, out=a)
-        zeros = a.size - int(np.count_nonzero(a))
-        a *= scale
-        np.minimum(a, np.float32(self.num_bins - 1), out=a)
-        if self._index.size < a.size:
-            self._index = np.empty(a.size, dtype=np.intp)
-        index = self._index[: a.size]
-        np.copyto(index, a, casting="unsafe")  # float -> int truncates, i.e. floors non-negative values
-        return np.bincount(index, minlength=self.num_bins), zeros
+    def add(self, x: np.ndarray, scale: np.float32, hist: np.ndarray) -> int:
+        """Add the bins of ``x`` into ``hist`` (int64, ``num_bins``); returns the number of exact zeros."""
+        flat = x.reshape(-1)
+        counts = self._counts
+        counts[:] = 0
+        nonzero = 0
+        for start in range(0, flat.size, _CHUNK):
+            chunk = flat[start:start + _CHUNK]
+            values = self._values[: chunk.size]
+            if chunk.dtype == np.float32:
+                np.abs(chunk, out=values)
+            else:  # float16/64 activations are binned in float32, like the ranges
+                np.copyto(values, chunk, casting="unsafe")
+                np.abs(values, out=values)
+            # |x| is +0.0 exactly when its bits are all zero; numpy counts integers faster than floats
+            nonzero += int(np.count_nonzero(values.view(np.uint32)))
+            values *= scale
+            index = self._index[: chunk.size]
+            np.copyto(index, values, casting="unsafe")  # float -> int truncates, i.e. floors values >= 0
+            found = np.bincount(index, minlength=self.num_bins)
+            if found.size > counts.size:
+                raise ValueError("an activation outside the range measured in the first pass")
+            counts[: found.size] += found
+        # Clipping after counting instead of before (a float minimum per value): |x| <= absmax puts
+        # int(|x| * scale) at num_bins at most, num_bins - 1 included, so this is the same clip.
+        hist[: self.num_bins - 1] += counts[: self.num_bins - 1]
+        hist[self.num_bins - 1] += int(counts[self.num_bins - 1:].sum())
+        return flat.size - nonzero
+
+
+class _Ranges:
+    """One worker's session and running min/max (merged with min/max, so the split of images is
+    irrelevant). Every worker has a session of its own: concurrent runs of one ONNX Runtime session
+    were measured to re-fault ~30 MB of memory per run (tens of ms of system time per image)."""
+
+    def __init__(self, n: int, session: Any):
+        self.session = session
+        self.lo = np.full(n, np.inf)
+        self.hi = np.full(n, -np.inf)
+
+
+class _Histograms:
+    """One worker's session and integer counts (merged by addition, so the split of images is
+    irrelevant; a session per worker for the reason given at :class:`_Ranges`)."""
+
+    def __init__(self, n: int, num_bins: int, session: Any):
+        self.session = session
+        self.hists = np.zeros((n, num_bins), dtype=np.int64)
+        self.zeros = np.zeros(n, dtype=np.int64)
+        self.counts = np.zeros(n, dtype=np.int64)
+        self.binner = _Binner(num_bins)
+
+
+class _Counted:
+    """Counts the images and batches an iterable yields (on the producing thread)."""
+
+    def __init__(self, batches: Iterable[np.ndarray]):
+        self._batches = batches
+        self.images = 0
+        self.batches = 0
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for batch in self._batches:
+            self.images += int(batch.shape[0])
+            self.batches += 1
+            yield batch
+
+
+def _measure_ranges(outputs: list[str], input_name: str, batch: np.ndarray, acc: _Ranges) -> None:
+    vals = np.asarray(acc.session.run(outputs, {input_name: batch}), dtype=np.float64).reshape(-1, 2)
+    np.minimum(acc.lo, vals[:, 0], out=acc.lo)
+    np.maximum(acc.hi, vals[:, 1], out=acc.hi)
+
+
+def _bin_batch(tensors: list[str], input_name: str, scales: list[np.float32], batch: np.ndarray,
+               acc: _Histograms) -> None:
+    outputs = acc.session.run(tensors, {input_name: batch})
+    for i in range(len(tensors)):
+        x = outputs[i]
+        outputs[i] = None  # drop each activation once binned; nothing outlives the batch
+        try:
+            acc.zeros[i] += acc.binner.add(x, scales[i], acc.hists[i])
+        except ValueError as exc:  # NaN casts to a negative index; an inf or a larger value to a huge one
+            raise ValueError(f"non-finite or changed activations in {tensors[i]!r} (second pass)") from exc
+        acc.counts[i] += x.size
+    del outputs
 
 
 def collect_statistics(
@@ -266,8 +357,14 @@ def collect_statistics(
     progress: bool = True,
     intra_op_num_threads: int | None = 1,
     providers: Sequence[str] | None = None,
+    workers: int | None = None,
 ) -> CalibrationStats:
-    """Two streaming passes (see the module doc). ``batches()`` must yield the same batches every call."""
+    """Two streaming passes (see the module doc). ``batches()`` must yield the same batches every call.
+
+    ``workers`` batches are run at once (default: every available core), each in a single-threaded ONNX
+    Runtime run; the per-worker results are merged order-independently, so they do not change the
+    statistics. The histogram pass runs fewer at once when one batch's activations are large.
+    """
     if num_bins < 2:
         raise ValueError(f"num_bins must be at least 2; got {num_bins}")
     if not tensors:
@@ -276,50 +373,53 @@ def collect_statistics(
         raise ValueError("tensor names must be unique")
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
     tensors = list(tensors)
+    workers = max(1, workers or default_workers())
 
     ranged, range_outputs = range_model(proto, tensors)
     input_name = _single_input(ranged, None)
-    sess = _session(ranged, intra_op_num_threads, providers)
     n = len(tensors)
-    absmax = np.zeros(n, dtype=np.float64)
-    lo = np.full(n, np.inf)
-    hi = np.full(n, -np.inf)
-    images = batch_count = 0
-    for batch in _progress(batches(), total_batches, "calibration ranges", progress):
-        vals = np.asarray(sess.run(range_outputs, {input_name: batch}), dtype=np.float64).reshape(n, 3)
-        np.maximum(absmax, vals[:, 0], out=absmax)
-        np.minimum(lo, vals[:, 1], out=lo)
-        np.maximum(hi, vals[:, 2], out=hi)
-        images += int(batch.shape[0])
-        batch_count += 1
-    del sess
-    if batch_count == 0:
+    if total_batches is not None:
+        workers = max(1, min(workers, total_batches))
+    first = _Counted(_progress(batches(), total_batches, "calibration ranges", progress))
+    data = ranged.SerializeToString()
+    ranges = [_Ranges(n, _session(data, intra_op_num_threads, providers)) for _ in range(workers)]
+    consume(first, partial(_measure_ranges, range_outputs, input_name), ranges)
+    for r in ranges:
+        r.session = None  # freed before the histogram sessions are built
+    if first.batches == 0:
         raise ValueError("the calibration data yielded no batches (no readable images?)")
+    lo = np.min([r.lo for r in ranges], axis=0)
+    hi = np.max([r.hi for r in ranges], axis=0)
+    absmax = np.maximum(-lo, hi) + 0.0  # + 0.0 turns an all-zero tensor's -0.0 into the 0.0 that |x| gives
     bad = [tensors[i] for i in np.flatnonzero(~np.isfinite(absmax))]
     if bad:
         raise ValueError(f"non-finite activations (inf/NaN) in {len(bad)} tensor(s), e.g. {bad[0]!r}")
 
     scales = [np.float32(num_bins / a) if a > 0 else np.float32(0) for a in absmax]
-    hists = np.zeros((n, num_bins), dtype=np.int64)
-    zero_counts = np.zeros(n, dtype=np.int64)
-    counts = np.zeros(n, dtype=np.int64)
-    sess = _session(histogram_model(proto, tensors), intra_op_num_threads, providers)
-    binner = _Binner(num_bins)
-    images_again = 0
-    for batch in _progress(batches(), batch_count, "calibration histograms", progress):
-        images_again += int(batch.shape[0])
-        outputs = sess.run(tensors, {input_name: batch})
-        for i in range(n):
-            x = outputs[i]
-            outputs[i] = None  # drop each activation once binned; nothing outlives the batch
-            h, zeros = binner(x, scales[i])
-            hists[i] += h
-            zero_counts[i] += zeros
-            counts[i] += x.size
-        del outputs
-    del sess
-    if images_again != images:
-        raise ValueError(f"the calibration data changed between passes ({images} then {images_again} images)")
+    bin_batch = partial(_bin_batch, tensors, input_name, scales)
+    data = histogram_model(proto, tensors).SerializeToString()
+    second = _Counted(_progress(batches(), first.batches, "calibration histograms", progress))
+    stream = iter(second)
+    head = _Histograms(n, num_bins, _session(data, intra_op_num_threads, providers))
+    accs = [head]
+    batch = next(stream, None)
+    if batch is not None:
+        # The first batch, alone, tells how much one batch's activations weigh; that bounds the workers.
+        bin_batch(batch, head)
+        per_batch = int(head.counts.sum()) * 4 * 2  # float32 outputs, doubled as above
+        del batch
+        fit = max(1, _HISTOGRAM_BYTES_IN_FLIGHT // max(per_batch, 1))
+        accs += [_Histograms(n, num_bins, _session(data, intra_op_num_threads, providers))
+                 for _ in range(min(workers, fit, first.batches) - 1)]
+        consume(stream, bin_batch, accs)
+    for a in accs:
+        a.session = None
+    if second.images != first.images:
+        raise ValueError(f"the calibration data changed between passes ({first.images} then {second.images} "
+                         "images)")
+    hists = np.sum([a.hists for a in accs], axis=0)
+    zero_counts = np.sum([a.zeros for a in accs], axis=0)
+    counts = np.sum([a.counts for a in accs], axis=0)
     hists[:, 0] -= zero_counts  # every exact zero landed in bin 0
 
     stats = {
@@ -327,7 +427,7 @@ def collect_statistics(
                           int(zero_counts[i]), hists[i].copy())
         for i, name in enumerate(tensors)
     }
-    return CalibrationStats(stats, num_images=images, num_batches=batch_count,
+    return CalibrationStats(stats, num_images=first.images, num_batches=first.batches,
                             meta={"num_bins": num_bins, "format": STATS_FORMAT})
 
 
@@ -391,6 +491,7 @@ def collect_calibration_stats(
     progress: bool = True,
     intra_op_num_threads: int | None = 1,
     providers: Sequence[str] | None = None,
+    workers: int | None = None,
 ) -> CalibrationStats:
     """Statistics for ``model_path`` over ``calib_set``, fed exactly as deployment feeds it.
 
@@ -425,7 +526,7 @@ def collect_calibration_stats(
     stats = collect_statistics(
         model, batches, names, num_bins=num_bins,
         total_batches=num_batches(len(calib_set), size, drop_last), progress=progress,
-        intra_op_num_threads=intra_op_num_threads, providers=providers,
+        intra_op_num_threads=intra_op_num_threads, providers=providers, workers=workers,
     )
     stats.meta.update({
         "cache_key": key, "model_sha256": model_sha, "dataset_hash": calib_set.dataset_hash,

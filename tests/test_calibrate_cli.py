@@ -124,11 +124,15 @@ def test_sensitivity_and_precision_reports(calibrated):
     assert producer[node.input[0]].op_type != "DequantizeLinear"
 
 
-def test_cache_is_byte_identical_across_runs(calibrated, inputs, tmp_path):
+@pytest.mark.parametrize("workers", ["1", "3"])
+def test_cache_is_byte_identical_across_runs(calibrated, inputs, tmp_path, workers):
+    # also across worker counts: parallel runs merge order-independently, each single-threaded
     _, model, images = inputs
-    assert _run(model, images, tmp_path / "again", "--method", "minmax", "--budget", "0.05") == 0
-    for name in ("calibration.cache", "summary.json", "model_int8_qdq.onnx", "precision.json"):
-        assert (tmp_path / "again" / name).read_bytes() == (calibrated / name).read_bytes(), name
+    out = tmp_path / "again"
+    assert _run(model, images, out, "--method", "minmax", "--budget", "0.05", "--workers", workers) == 0
+    for name in ("calibration.cache", "summary.json", "model_int8_qdq.onnx", "precision.json",
+                 "sensitivity.json"):
+        assert (out / name).read_bytes() == (calibrated / name).read_bytes(), name
 
 
 def test_stale_cache_is_refused_then_forced(inputs, tmp_path, capsys):

@@ -141,6 +141,21 @@ def test_variant_raw_heads(res18: Path, tmp_path: Path) -> None:
     np.testing.assert_allclose(reg, ref["reg"], atol=1e-5)
 
 
+def test_no_optimize_keeps_the_traced_graph(res18: Path, default_onnx: Path, tmp_path: Path) -> None:
+    out = tmp_path / "traced.onnx"
+    assert cli.main([str(res18), "-o", str(out), *SMALL, "--no-optimize", "--no-verify"]) == 0
+    traced, optimized = onnx.load(str(out)), onnx.load(str(default_onnx))
+
+    def deconvs(model: onnx.ModelProto) -> list[int]:
+        return [next((a.i for a in n.attribute if a.name == "group"), 1)
+                for n in model.graph.node if n.op_type == "ConvTranspose"]
+
+    assert deconvs(traced) == [1, 1, 1]  # res_18's three upsampling layers, as traced
+    assert all(g > 1 for g in deconvs(optimized))  # only the one-hot interleaves remain
+    assert "graph_rewrites" not in ModelSpec.from_onnx(out).provenance
+    assert ModelSpec.from_onnx(default_onnx).provenance["graph_rewrites"]["deconv_to_conv"] == 3
+
+
 def test_verify_on_image_folder_and_failure_keeps_nothing(res18: Path, tmp_path: Path, capsys) -> None:
     folder = tmp_path / "imgs"
     folder.mkdir()

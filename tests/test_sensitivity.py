@@ -96,3 +96,48 @@ def test_peak_indices_take_local_maxima_only():
     heat[1, 0, 0] = 0.7
     idx, scores = peak_indices(heat, 2)
     assert idx.tolist() == [12, 25] and scores.tolist() == pytest.approx([0.9, 0.7])
+
+
+def _full_selection(heat: np.ndarray, k: int, kernel: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """The plain rule: partition the whole map with non-maxima set to 0, then sort by score, index."""
+    pad = kernel // 2
+    padded = np.pad(heat, ((0, 0), (pad, pad), (pad, pad)), constant_values=-np.inf)
+    hmax = np.full_like(heat, -np.inf)
+    for dy in range(kernel):
+        for dx in range(kernel):
+            np.maximum(hmax, padded[:, dy:dy + heat.shape[1], dx:dx + heat.shape[2]], out=hmax)
+    peaks = np.where(heat == hmax, heat, 0.0).ravel()
+    k = min(k, peaks.size)
+    idx = np.argpartition(-peaks, k - 1)[:k]
+    idx = idx[np.lexsort((idx, -peaks[idx]))]
+    return idx, peaks[idx]
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "negative", "few peaks"])
+def test_peak_indices_equal_the_full_selection(kind):
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        heat = rng.random((3, 9, 11)).astype(np.float32)
+        if kind == "ties":
+            heat = np.round(heat * 3) / 3
+        elif kind == "negative":
+            heat -= 0.5
+        elif kind == "few peaks":
+            heat[:] = 0
+            heat[0, 4, 4] = 0.5
+        heat = heat.astype(np.float32)
+        for k in (1, 5, 40, 400):
+            idx, scores = peak_indices(heat, k)
+            ref_idx, ref_scores = _full_selection(heat, k)
+            np.testing.assert_array_equal(idx, ref_idx)
+            np.testing.assert_array_equal(scores, ref_scores)
+            assert scores.dtype == ref_scores.dtype
+
+
+def test_worker_count_does_not_change_the_measurements(setup):
+    model, placement, amax, probe = setup
+    layers = placement.layers[:4]
+    one = layer_sensitivity(model, layers, amax, probe, progress=False, workers=1)
+    two = layer_sensitivity(model, layers, amax, probe, progress=False, workers=2)
+    assert [r.to_dict() for r in one] == [r.to_dict() for r in two]
+    assert probe.measure(model, workers=3) == probe.measure(model, workers=1)

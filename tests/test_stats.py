@@ -307,3 +307,52 @@ def test_data_changing_between_passes_is_an_error():
 
     with pytest.raises(ValueError, match="changed between passes \\(3 then 2 images\\)"):
         collect_statistics(tiny_model(), shrinking, ["c1"], progress=False)
+
+
+def test_worker_count_does_not_change_the_statistics():
+    model = tiny_model()
+    batches = synthetic_batches(7, 16)
+    one = collect_statistics(model, batches, NETWORK_TENSORS, progress=False, workers=1)
+    many = collect_statistics(model, batches, NETWORK_TENSORS, progress=False, workers=3)
+    assert (one.num_images, one.num_batches) == (many.num_images, many.num_batches) == (7, 7)
+    for name in NETWORK_TENSORS:
+        a, b = one.tensors[name], many.tensors[name]
+        assert (a.absmax, a.min, a.max, a.count, a.zero_count) == (b.absmax, b.min, b.max, b.count, b.zero_count)
+        np.testing.assert_array_equal(a.hist, b.hist, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_chunked_binner_matches_the_clipped_float32_rule(dtype):
+    from centernet_edge.quantize.stats import _CHUNK, _Binner
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(2 * _CHUNK + 123).astype(dtype)
+    x[::7] = 0
+    x[::11] = -0.0
+    x32 = x.astype(np.float32)
+    absmax = float(np.abs(x32).max())
+    x32[:3] = [absmax, -absmax, np.nextafter(np.float32(absmax), np.float32(0))]  # the top bin's edge cases
+    x = x32.astype(dtype)
+    x32 = x.astype(np.float32)
+    scale = np.float32(2048 / absmax)
+    expected = np.abs(x32) * scale  # the rule: min(int(|x| * scale), bins - 1), in float32
+    expected = np.minimum(expected, np.float32(2047)).astype(np.intp)
+    hist = np.zeros(2048, np.int64)
+    zeros = _Binner(2048).add(x, scale, hist)
+    assert zeros == int((x32 == 0).sum())
+    np.testing.assert_array_equal(hist, np.bincount(expected, minlength=2048))
+
+
+def test_worker_errors_reach_the_caller():
+    from centernet_edge.quantize.parallel import consume
+
+    def work(item: int, state: list[int]) -> None:
+        if item == 3:
+            raise RuntimeError("boom")
+        state.append(item)
+
+    states: list[list[int]] = [[], []]
+    with pytest.raises(RuntimeError, match="boom"):
+        consume(iter(range(50)), work, states)
+    seen = sorted(states[0] + states[1])
+    assert 3 not in seen and len(seen) < 50
