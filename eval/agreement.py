@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from centernet_edge.runtime.detections import Detections
-from centernet_edge.runtime.spec import ModelSpec
+from centernet_edge.runtime.postprocess import heatmap_probabilities
 
 __all__ = [
     "AgreementAccumulator",
@@ -140,16 +140,6 @@ def match_detections(
     pair_ious = np.array([ious[i, j] for i, j in pairs], dtype=np.float64)
     return MatchResult(pairs, pair_ious, b_scores, o_scores, min_score)
 
-
-def heatmap_probabilities(raw: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    """A raw heatmap output as NCHW probabilities (layout and activation taken from the spec)."""
-    heat = np.asarray(raw, dtype=np.float32)
-    info = spec.graph.outputs.get("heatmap")
-    if info is not None and info.layout == "NHWC":
-        heat = heat.transpose(0, 3, 1, 2)
-    if spec.decode.heatmap_activation == "logits":
-        heat = 1.0 / (1.0 + np.exp(-heat))
-    return heat
 
 
 @dataclass

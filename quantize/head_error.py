@@ -23,7 +23,7 @@ import onnx
 
 from centernet_edge.runtime.detections import Detections
 from centernet_edge.runtime.geometry import InputGeometry
-from centernet_edge.runtime.postprocess import finalize
+from centernet_edge.runtime.postprocess import finalize, heatmap_probabilities
 from centernet_edge.runtime.spec import ModelSpec
 
 from .parallel import map_ordered
@@ -151,15 +151,6 @@ def detection_agreement(base: Detections, other: Detections) -> float:
     return float((weights * match).sum() / weights.sum())
 
 
-def _heatmap_probs(raw: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    heat = np.asarray(raw, dtype=np.float32)
-    info = spec.graph.outputs.get("heatmap")
-    if info is not None and info.layout == "NHWC":
-        heat = heat.transpose(0, 3, 1, 2)
-    if spec.decode.heatmap_activation == "logits":
-        heat = 1.0 / (1.0 + np.exp(-heat))
-    return np.ascontiguousarray(heat)
-
 
 @dataclass
 class _ImageRef:
@@ -199,7 +190,7 @@ class HeadProbe:
         dets = finalize(by_role, self.spec, geoms)
         if "heatmap" not in by_role:
             return [_ImageRef(det, None, None, None) for det in dets]
-        heat = _heatmap_probs(by_role["heatmap"], self.spec)
+        heat = np.ascontiguousarray(heatmap_probabilities(by_role["heatmap"], self.spec))
         k, kernel = self.spec.decode.K, self.spec.decode.peak_kernel
         refs = []
         for i, det in enumerate(dets):

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import default_opset, initializers, topological_sort
+from .graph import default_opset, initializers, topological_sort, unique_name
 from .placement import QuantLayer
 
 __all__ = ["MIN_QDQ_OPSET", "QdqError", "build_qdq_model", "quantize_weight_per_channel"]
@@ -80,12 +80,7 @@ def build_qdq_model(
     weight_dq: dict[tuple[str, int], str] = {}
 
     def fresh(base: str) -> str:
-        name, n = base, 1
-        while name in taken:
-            name = f"{base}_{n}"
-            n += 1
-        taken.add(name)
-        return name
+        return unique_name(base, taken)
 
     def activation(tensor: str) -> str:
         if tensor not in act_dq:

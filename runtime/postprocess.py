@@ -31,6 +31,14 @@ def heads_to_nchw(outputs: Mapping[str, np.ndarray], spec: ModelSpec, role: str)
     return np.ascontiguousarray(arr)
 
 
+def heatmap_probabilities(raw: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """A raw heatmap output as NCHW probabilities (layout and activation taken from the spec)."""
+    heat = heads_to_nchw({"heatmap": raw}, spec, "heatmap")
+    if spec.decode.heatmap_activation == "logits":
+        heat = 1.0 / (1.0 + np.exp(-heat))
+    return heat
+
+
 def _from_detections(dets: np.ndarray, spec: ModelSpec, geoms: list[InputGeometry]) -> list[Detections]:
     dets = np.asarray(dets, dtype=np.float32)
     if dets.ndim == 2:  # a batch-less [K, 6] graph output
