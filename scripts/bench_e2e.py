@@ -3,9 +3,10 @@
 Compares the exported ONNX (warp + network + decode in one graph, ONNX Runtime) with the official-style
 Python pipeline (cv2 warp + PyTorch forward + PyTorch decode + numpy back-projection, i.e.
 ReferenceDetector). Both start from the decoded uint8 image in memory (file decoding is excluded from
-both), run one image at a time with the same thread count, and are interleaved image by image so that
-load from other processes affects both alike. Weights are random unless --checkpoint-dir holds real
-ones: latency does not depend on the values.
+both), run one image at a time with the same thread count (ORT, PyTorch and OpenCV), and are
+interleaved image by image so that load from other processes affects both alike; each timed call follows
+an untimed one of the same pipeline, so no other runtime's spinning threads are still on the cores.
+Weights are random unless --checkpoint-dir holds real ones: latency does not depend on the values.
 
     python scripts/bench_e2e.py                      # res_18 and resdcn_18 at 512x512, >= 30 images
     python scripts/bench_e2e.py --images DIR --count 50 --threads 2
@@ -107,19 +108,21 @@ def bench_arch(arch: str, images: list[np.ndarray], size: int, threads: int, war
     def net_torch(x: np.ndarray):
         return model(torch.from_numpy(x))
 
-    net_inputs = [prepare_batch([img], net_spec)[0] for img in images]
+    for img in images[:warmup]:
+        run_onnx(img)
+        run_ref(img)
     times: dict[str, list[float]] = {"onnx": [], "ref": [], "net_onnx": [], "net_torch": []}
-    # One pass per pair: two ORT sessions keep two thread pools, and the workers of the one that just
-    # ran still spin while the other starts; back to back they slowed the end-to-end graph by ~15 % at
-    # 2 threads on 2 cores, an artifact of this script that a single deployed session never meets.
-    for pair, args in (((("onnx", run_onnx), ("ref", run_ref)), images),
-                       ((("net_onnx", net_onnx), ("net_torch", net_torch)), net_inputs)):
-        for arg in args[:warmup]:
-            for _, fn in pair:
-                fn(arg)
-        for i, arg in enumerate(args):
+    for i, img in enumerate(images):
+        x = prepare_batch([img], net_spec)[0]
+        pairs = [(("onnx", run_onnx, img), ("ref", run_ref, img)),
+                 (("net_onnx", net_onnx, x), ("net_torch", net_torch, x))]
+        for pair in pairs:
             # Alternate which side goes first so neither always runs on a warmer cache.
-            for name, fn in (pair if i % 2 == 0 else pair[::-1]):
+            for name, fn, arg in (pair if i % 2 == 0 else pair[::-1]):
+                # An untimed run first: the thread pool of the runtime that ran before (ORT, OpenMP, cv2)
+                # still spins for a while and, with as many threads as cores, slowed the next call by
+                # 15-20 % at 2 threads on 2 cores. A deployed pipeline runs one runtime and never pays that.
+                fn(arg)
                 start = time.perf_counter()
                 fn(arg)
                 times[name].append((time.perf_counter() - start) * 1e3)
@@ -161,11 +164,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="use real checkpoints whose names contain the arch (e.g. *resdcn18*.pth)")
     args = parser.parse_args(argv)
 
+    import cv2
     import torch
 
     from centernet_edge.export.verify import load_images
 
     torch.set_num_threads(args.threads)
+    cv2.setNumThreads(args.threads)  # the reference's warpAffine, too, gets the thread count being compared
     folder = args.images or _default_images()
     if folder is None:
         print("bench_e2e: no image folder: pass --images DIR", file=sys.stderr)
