@@ -13,19 +13,31 @@ driven with our ranges (``tensors_range``), so no ONNX Runtime calibrator runs:
   offsets/mask, layers the caller keeps float, and ops listed in ``float_ops`` stay float; the head convs
   feeding the decode tail optionally too (``float_head_outputs``).
 
-Measured on the mb3 CenterNet (MobileNetV3: depthwise convs, hard-swish), one thread: the fastest setting
-is ~1.3x fp32; keeping layers float only slows it down (Q/DQ transitions) without recovering accuracy,
-which is lost all over the integer chains. See scripts/bench_calibration.py.
+ONNX Runtime's integer kernels have their own cost model, so by default (``kernel_rewrites``) the graph
+is first rewritten for them, without changing what it computes (:mod:`cpu_rewrites`): depthwise channel
+groups padded to multiples of 16, the stem convolution over the image kept float, constant scalings
+folded into scales, peak pooling on the uint8 logits. Resize stays float between DQ and Q (ONNX Runtime's
+uint8 bilinear resize measured 3x slower than its float one plus the conversions). Measured on the mb3
+CenterNet (MobileNetV3: depthwise convs, hard-swish), one thread: 1.3x fp32 without the rewrites, about
+1.7x with them; see scripts/bench_calibration.py and scripts/bench_cpu_kernels.py.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
+from .cpu_rewrites import (
+    fold_constant_scaling,
+    image_convolutions,
+    pad_depthwise_channels,
+    pool_quantized_logits,
+    remove_dead_nodes,
+)
 from .graph import topological_sort
 from .placement import GraphRegions, graph_regions
 
@@ -40,17 +52,19 @@ __all__ = [
 ]
 
 # Ops ONNX Runtime has integer kernels for on CPU and that appear in CenterNet networks.
+# Resize is left out on purpose: ONNX Runtime's uint8 bilinear Resize is ~3x slower than DQ -> float
+# Resize -> Q (measured on mb3's 2x upsamplings), and the float one rounds once instead of twice.
 DEFAULT_CPU_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Mul", "Concat", "Relu", "Clip",
-                   "MaxPool", "GlobalAveragePool", "AveragePool", "Resize", "Sigmoid", "Reshape", "Transpose")
+                   "MaxPool", "GlobalAveragePool", "AveragePool", "Sigmoid", "Reshape", "Transpose")
 
 
 @dataclass(frozen=True)
 class CpuInt8Config:
     """What to quantize. ``fmt`` "qoperator" (QLinear* ops written out) or "qdq" (ORT fuses at load time).
 
-    QOperator is the default because it measured fastest on mb3 (1.3-1.4x fp32 vs 1.1-1.2x for QDQ, one
-    thread, AVX-512 VNNI); QDQ drifted less from fp32 (label-free head error 0.49 vs 0.55) and is the
-    format that can hand float layers their float inputs back.
+    QOperator is the default because it measured fastest on mb3 (1.7x fp32 vs 1.3x for QDQ with the kernel
+    rewrites, one thread, AVX-512 VNNI); QDQ drifted less from fp32 (25.8 vs 23.8 AP on the dev set) and is
+    the format that can hand float layers their float inputs back.
     """
 
     op_types: tuple[str, ...] = DEFAULT_CPU_OPS
@@ -62,6 +76,8 @@ class CpuInt8Config:
     # Runtime's integer conv must write uint8.
     float_head_outputs: bool = False
     float_ops: tuple[str, ...] = ()
+    # Float-exact rewrites for ONNX Runtime's integer kernels (see cpu_rewrites); off only to measure them.
+    kernel_rewrites: bool = True
 
 
 def ort_ranges(
@@ -131,7 +147,12 @@ def build_ort_cpu_int8(
     if config.fmt not in ("qdq", "qoperator"):
         raise ValueError(f"fmt must be 'qdq' or 'qoperator'; got {config.fmt!r}")
     regions = regions or graph_regions(model)
-    exclude = _excluded_nodes(model, regions, ranges, set(keep_float), config)
+    keep_float = set(keep_float)
+    if config.kernel_rewrites:
+        model = copy.deepcopy(model)
+        pad_depthwise_channels(model)  # tensor and node names are kept: ranges and regions still apply
+        keep_float |= set(image_convolutions(model, regions.network))
+    exclude = _excluded_nodes(model, regions, ranges, keep_float, config)
     work = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     tensors = _tensors_data(ranges)
     # QDQKeepRemovableActivations=False lets Relu/Clip vanish into the uint8 range of the conv output.
@@ -151,6 +172,11 @@ def build_ort_cpu_int8(
     out = quantizer.model.model
     if config.fmt == "qdq":
         _float_inputs_for_float_nodes(out, original_inputs)
+    if config.kernel_rewrites:
+        if config.fmt == "qoperator":
+            fold_constant_scaling(out)
+        pool_quantized_logits(out)
+        remove_dead_nodes(out)
     # Inferred shapes of the fp32 graph are stale for the quantized one; ONNX Runtime re-infers them.
     del out.graph.value_info[:]
     topological_sort(out.graph)  # the quantizer appends its Q/DQ nodes at the end

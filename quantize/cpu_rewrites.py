@@ -1,0 +1,430 @@
+"""Float-exact graph rewrites that let ONNX Runtime's CPU integer kernels run at full speed.
+
+ONNX Runtime's uint8 kernels have costs an fp32 graph does not show (measured on an AVX-512 VNNI core,
+ONNX Runtime 1.31, one thread; ``scripts/bench_cpu_int8.py --micro``):
+
+* the NHWC int8 depthwise kernel vectorises over channels in blocks of 16: 72 channels at 128x128 take
+  0.97 ms, 80 channels 0.43 ms. :func:`pad_depthwise_channels` widens such channel groups with zero
+  channels (zero weights in, zero weights out), which changes no output value;
+* a multiplication by a positive constant (hard-swish's ``x * 1/6``, TensorFlow's way of writing it) is a
+  whole pass over memory as ``QLinearMul``, although ``c * x`` needs no arithmetic at all in a quantized
+  graph: the same integers with scale ``c * s``. :func:`fold_constant_scaling` removes those nodes from a
+  QOperator graph by rescaling instead;
+* an integer convolution over a 3-channel image is slower than fp32 (1.7 vs 0.6 ms for mb3's stem: the
+  im2col of 3-byte pixels dominates), so :func:`image_convolutions` names those layers to keep in float;
+* peak NMS written as ``MaxPool(Sigmoid(DQ(q)))`` makes ONNX Runtime transpose and re-block the float
+  heatmap for its NCHWc pooling kernel (1.7 ms on mb3); :func:`pool_quantized_logits` pools the uint8
+  logits instead (an NHWC uint8 kernel) and applies ``Sigmoid(DQ(.))`` to the pooled values. Both
+  functions are non-decreasing, so they commute with max exactly, in float arithmetic too: the outputs
+  are bit-identical, and nothing is quantized that was not before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .graph import consumers, initializers, producers, unique_name
+
+__all__ = [
+    "DEPTHWISE_CHANNEL_BLOCK",
+    "fold_constant_scaling",
+    "image_convolutions",
+    "pad_depthwise_channels",
+    "pool_quantized_logits",
+    "remove_dead_nodes",
+]
+
+DEPTHWISE_CHANNEL_BLOCK = 16
+
+# Ops that act on every channel alike: padded (zero) channels stay finite and are dropped by the zero
+# weights of the layers that read them.
+_CHANNELWISE = frozenset({"Relu", "Clip", "Add", "Sub", "Mul", "Div", "Sigmoid", "HardSigmoid", "HardSwish",
+                          "LeakyRelu", "GlobalAveragePool"})
+
+
+def _attr(node: onnx.NodeProto, name: str, default: int = 1) -> int:
+    return next((int(a.i) for a in node.attribute if a.name == name), default)
+
+
+def _constant(model: onnx.ModelProto, name: str, inits: dict[str, onnx.TensorProto],
+              prod: dict[str, onnx.NodeProto]) -> np.ndarray | None:
+    """Value of ``name`` if it is an initializer, a Constant, or computed from constants only."""
+    if name in inits:
+        return numpy_helper.to_array(inits[name])
+    node = prod.get(name)
+    if node is None or not _is_constant(name, inits, prod, {}):
+        return None
+    if node.op_type == "Constant":
+        return numpy_helper.to_array(next(a.t for a in node.attribute if a.name == "value"))
+    values = [_constant(model, i, inits, prod) if i else None for i in node.input]
+    if any(v is None for i, v in zip(node.input, values, strict=True) if i):
+        return None
+    from onnx.reference import ReferenceEvaluator
+
+    feeds = {i: v for i, v in zip(node.input, values, strict=True) if i}
+    sub = onnx.helper.make_graph([node], "fold", [], [onnx.helper.make_tensor_value_info(o, 0, None)
+                                                      for o in node.output])
+    sub_model = onnx.helper.make_model(sub, opset_imports=model.opset_import)
+    results = ReferenceEvaluator(sub_model).run(None, feeds)
+    return np.asarray(results[list(node.output).index(name)])
+
+
+def _is_constant(name: str, inits: dict[str, onnx.TensorProto], prod: dict[str, onnx.NodeProto],
+                 memo: dict[str, bool]) -> bool:
+    """Whether ``name`` depends on constants only (no graph input); iterative, so deep graphs are cheap."""
+    stack = [name]
+    while stack:
+        current = stack[-1]
+        if current in memo:
+            stack.pop()
+            continue
+        node = prod.get(current)
+        if current in inits or (node is not None and node.op_type == "Constant"):
+            memo[current] = True
+            stack.pop()
+            continue
+        if node is None:
+            memo[current] = False
+            stack.pop()
+            continue
+        pending = [i for i in node.input if i and i not in memo]
+        if pending:
+            stack.extend(pending)
+            continue
+        memo[current] = all(memo[i] for i in node.input if i)
+        stack.pop()
+    return memo[name]
+
+
+def _is_depthwise(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> bool:
+    weight = shapes.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+    group = _attr(node, "group")
+    return weight is not None and group > 1 and weight[1] == 1 and weight[0] == group
+
+
+class _Region:
+    """Tensors of one channel group: between the layers that write it and the layers that read it."""
+
+    def __init__(self) -> None:
+        self.tensors: set[str] = set()
+        self.sources: set[str] = set()  # weighted layers writing the group (output channels padded)
+        self.sinks: set[str] = set()  # weighted layers reading it (input channels padded)
+        self.depthwise: set[str] = set()  # both
+        self.reshapes: set[str] = set()  # shape constants naming the channel count
+
+
+def _grow_region(model: onnx.ModelProto, start: str, channels: int, shapes: dict[str, list[int]],
+                 inits: dict[str, onnx.TensorProto], prod: dict[str, onnx.NodeProto],
+                 cons: dict[str, list[onnx.NodeProto]]) -> _Region | None:
+    """The closed channel group around ``start``, or None when something in it cannot be widened."""
+    region, stack = _Region(), [start]
+    outputs = {o.name for o in model.graph.output}
+    while stack:
+        name = stack.pop()
+        if name in region.tensors:
+            continue
+        if name in outputs or name in inits or name not in prod:
+            return None
+        region.tensors.add(name)
+        node = prod[name]
+        if node.op_type == "Conv" and _is_depthwise(node, shapes):
+            region.depthwise.add(node.name)
+            stack.append(node.input[0])
+        elif node.op_type in ("Conv", "ConvTranspose"):
+            if _attr(node, "group") != 1 or node.op_type == "ConvTranspose":
+                return None
+            region.sources.add(node.name)
+        elif not _joins(model, node, region, stack, inits, prod, channels):
+            return None
+        for user in cons.get(name, []):
+            if user.op_type == "Conv" and _is_depthwise(user, shapes):
+                region.depthwise.add(user.name)
+                stack.append(user.output[0])
+            elif user.op_type == "Conv" and user.input[0] == name and _attr(user, "group") == 1:
+                region.sinks.add(user.name)
+            elif user.op_type in _CHANNELWISE or user.op_type == "Reshape":
+                stack.extend(o for o in user.output if o)
+            else:
+                return None
+    return region
+
+
+def _joins(model: onnx.ModelProto, node: onnx.NodeProto, region: _Region, stack: list[str],
+           inits: dict[str, onnx.TensorProto], prod: dict[str, onnx.NodeProto], channels: int) -> bool:
+    """Add a channel-wise node's tensor inputs to the region; False if it cannot be widened."""
+    if node.op_type == "Reshape":
+        shape = _constant(model, node.input[1], inits, prod)
+        if shape is None or shape.ndim != 1 or len(shape) != 4 or int(shape[1]) != channels:
+            return False
+        region.reshapes.add(node.name)
+        stack.append(node.input[0])
+        return True
+    if node.op_type not in _CHANNELWISE:
+        return False
+    for i, name in enumerate(node.input):
+        if not name:
+            continue
+        value = _constant(model, name, inits, prod)
+        if value is None:
+            stack.append(name)
+        elif value.size != 1 and not (node.op_type == "Clip" and i > 0):
+            return False
+    return True
+
+
+def pad_depthwise_channels(model: onnx.ModelProto, block: int = DEPTHWISE_CHANNEL_BLOCK,
+                           min_pixels: int = 32 * 32) -> list[str]:
+    """Widen depthwise channel groups to a multiple of ``block`` with zero channels (in place).
+
+    Only groups whose every reader and writer can be widened exactly are changed: pointwise/dense convs
+    writing or reading them, depthwise convs, channel-wise elementwise ops with scalar constants, global
+    average pooling and 4-D reshapes naming the channel count (squeeze-excite). Depthwise layers with
+    fewer than ``min_pixels`` output pixels are left alone (there the padding costs more than it saves).
+    Returns the depthwise layers widened. Tensor names are unchanged, so calibrated ranges still apply.
+    """
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    shapes = {i.name: list(i.dims) for i in model.graph.initializer}
+    for info in list(inferred.graph.value_info) + list(inferred.graph.output):
+        dims = info.type.tensor_type.shape.dim
+        shapes[info.name] = [d.dim_value for d in dims]
+    inits, prod, cons = initializers(model.graph), producers(model.graph), consumers(model.graph)
+    done: set[str] = set()
+    widened: list[str] = []
+    for node in list(model.graph.node):
+        if node.name in done or node.op_type != "Conv" or not _is_depthwise(node, shapes):
+            continue
+        channels = shapes[node.input[1]][0]
+        out_shape = shapes.get(node.output[0], [])
+        pixels = int(np.prod(out_shape[2:])) if len(out_shape) == 4 and all(out_shape[2:]) else 0
+        if channels % block == 0 or pixels < min_pixels:
+            continue
+        region = _grow_region(model, node.output[0], channels, shapes, inits, prod, cons)
+        if region is None:
+            continue
+        done |= region.depthwise
+        _widen(model, region, channels, -(-channels // block) * block, inits, prod)
+        widened.extend(sorted(region.depthwise))
+        # Widened layers got new weight initializers; later groups must see them.
+        inits, prod, cons = initializers(model.graph), producers(model.graph), consumers(model.graph)
+        shapes.update({i.name: list(i.dims) for i in model.graph.initializer})
+    if widened:
+        del model.graph.value_info[:]  # channel counts changed; ONNX Runtime re-infers shapes
+    return widened
+
+
+def _widen(model: onnx.ModelProto, region: _Region, channels: int, wide: int,
+           inits: dict[str, onnx.TensorProto], prod: dict[str, onnx.NodeProto]) -> None:
+    taken = {i.name for i in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+
+    def replace(node: onnx.NodeProto, index: int, value: np.ndarray) -> None:
+        name = unique_name(f"{node.input[index]}_wide", taken)
+        model.graph.initializer.append(numpy_helper.from_array(value, name))
+        node.input[index] = name
+
+    def padded(value: np.ndarray, axis: int) -> np.ndarray:
+        widths = [(0, 0)] * value.ndim
+        widths[axis] = (0, wide - channels)
+        return np.pad(value, widths)
+
+    def tensor(node: onnx.NodeProto, index: int) -> np.ndarray:
+        value = _constant(model, node.input[index], inits, prod)
+        if value is None:
+            raise ValueError(f"{node.name}: input {index} is not constant")
+        return value
+
+    for name in region.sources | region.depthwise:
+        node = nodes[name]
+        replace(node, 1, padded(tensor(node, 1), 0))
+        if len(node.input) > 2 and node.input[2]:
+            replace(node, 2, padded(tensor(node, 2), 0))
+    for name in region.depthwise:
+        node = nodes[name]
+        for attr in node.attribute:
+            if attr.name == "group":
+                attr.i = wide
+    for name in region.sinks:
+        node = nodes[name]
+        replace(node, 1, padded(tensor(node, 1), 1))
+    for name in region.reshapes:
+        node = nodes[name]
+        shape = tensor(node, 1).copy()
+        shape[1] = wide
+        replace(node, 1, shape)
+
+
+def fold_constant_scaling(model: onnx.ModelProto) -> int:
+    """Remove ``QLinearMul(x, c)`` with a positive scalar constant ``c`` from a QOperator graph (in place).
+
+    ``c * x`` is ``x``'s integers read with scale ``c * s_x``: every reader of the product gets ``x`` and
+    that scale (and ``x``'s zero point) instead of a requantized copy. Exact up to float rounding of the
+    scale; one rounding fewer than before. Products that are graph outputs, or read by an op whose
+    quantized inputs are not known here, are left alone. Returns the number of nodes removed.
+    """
+    inits = initializers(model.graph)
+    cons = consumers(model.graph)
+    outputs = {o.name for o in model.graph.output}
+    taken = set(inits)
+    removed = []
+    for node in model.graph.node:
+        product = node.output[0]
+        scaled = _constant_factor(node, inits) if node.op_type == "QLinearMul" else None
+        if scaled is None or product in outputs or not cons.get(product):
+            continue
+        data_index, factor = scaled
+        x, x_scale, x_zp = node.input[data_index:data_index + 3]
+        if x_scale not in inits or x_zp not in inits or not all(_slots(u, product) for u in cons[product]):
+            continue
+        scale = numpy_helper.to_array(inits[x_scale]).astype(np.float64) * factor
+        new_scale = unique_name(f"{product}_scale_folded", taken)
+        model.graph.initializer.append(numpy_helper.from_array(scale.astype(np.float32), new_scale))
+        for user in cons[product]:
+            for data, s, z in _slots(user, product):
+                user.input[data], user.input[s], user.input[z] = x, new_scale, x_zp
+            # The reader's other operands may be ``product`` too; keep the consumer map current.
+            cons.setdefault(x, []).append(user)
+        removed.append(node)
+    for node in removed:
+        model.graph.node.remove(node)
+    return len(removed)
+
+
+def _constant_factor(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[int, float] | None:
+    """(index of the data operand, real value of the constant) for ``QLinearMul(x, c)``, else None."""
+    for const_index, data_index in ((3, 0), (0, 3)):
+        names = node.input[const_index:const_index + 3]
+        if not all(n in inits for n in names):
+            continue
+        q, scale, zp = (numpy_helper.to_array(inits[n]) for n in names)
+        if q.size != 1 or scale.size != 1 or zp.size != 1:
+            return None
+        value = float(scale.reshape(())) * (float(q.reshape(())) - float(zp.reshape(())))
+        return (data_index, value) if value > 0 else None
+    return None
+
+
+# Where a quantized tensor is read: (data, scale, zero point) input positions per QOperator op.
+_QUANTIZED_READS = {
+    "QLinearConv": [(0, 1, 2)],
+    "QLinearMatMul": [(0, 1, 2), (3, 4, 5)],
+    "QLinearAdd": [(0, 1, 2), (3, 4, 5)],
+    "QLinearMul": [(0, 1, 2), (3, 4, 5)],
+    "QLinearSigmoid": [(0, 1, 2)],
+    "QLinearLeakyRelu": [(0, 1, 2)],
+    "QLinearGlobalAveragePool": [(0, 1, 2)],
+    "QLinearAveragePool": [(0, 1, 2)],
+    "DequantizeLinear": [(0, 1, 2)],
+}
+
+
+def _reads(node: onnx.NodeProto) -> list[tuple[int, int, int]]:
+    if node.op_type == "QLinearConcat":  # Y_scale, Y_zp, then (X, X_scale, X_zp) triples
+        return [(i, i + 1, i + 2) for i in range(2, len(node.input), 3)]
+    return _QUANTIZED_READS.get(node.op_type, [])
+
+
+def _slots(user: onnx.NodeProto, tensor: str) -> list[tuple[int, int, int]]:
+    """(data, scale, zero point) positions where ``user`` reads quantized ``tensor``; [] if it reads it
+    any other way (then its scale cannot be swapped)."""
+    slots = [s for s in _reads(user) if user.input[s[0]] == tensor]
+    data = {s[0] for s in slots}
+    if any(name == tensor for i, name in enumerate(user.input) if i not in data):
+        return []
+    return slots
+
+
+def image_convolutions(model: onnx.ModelProto, network: Iterable[str], max_channels: int = 4) -> list[str]:
+    """Weighted layers of the network that read at most ``max_channels`` input channels (the image)."""
+    names = set(network)
+    inits = initializers(model.graph)
+    found = []
+    for node in model.graph.node:
+        if node.op_type != "Conv" or node.name not in names or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        weight = inits[node.input[1]].dims
+        if len(weight) >= 2 and weight[1] * _attr(node, "group") <= max_channels:
+            found.append(node.name)
+    return found
+
+
+def pool_quantized_logits(model: onnx.ModelProto) -> int:
+    """Rewrite ``MaxPool(Sigmoid(DequantizeLinear(q)))`` as ``Sigmoid(DequantizeLinear(MaxPool(q)))``.
+
+    Transposes between the sigmoid and the pool are allowed when they compose to the identity (a
+    TensorFlow export transposes NCHW -> NHWC -> NCHW around its outputs). The dequantization must be
+    per-tensor with a positive scale. In place; returns the number of pools rewritten.
+    """
+    inits = initializers(model.graph)
+    prod = producers(model.graph)
+    taken = {n.name for n in model.graph.node}
+    rewritten = 0
+    for pool in list(model.graph.node):
+        if pool.op_type != "MaxPool" or len([o for o in pool.output if o]) != 1:
+            continue
+        source = _through_identity_transposes(pool.input[0], prod)
+        sigmoid = prod.get(source) if source else None
+        dq = prod.get(sigmoid.input[0]) if sigmoid is not None and sigmoid.op_type == "Sigmoid" else None
+        if dq is None or dq.op_type != "DequantizeLinear" or not _positive_scalar_scale(dq, inits):
+            continue
+        quantized, pooled_q, pooled = dq.input[0], f"{pool.output[0]}_uint8", f"{pool.output[0]}_logits"
+        new_pool = onnx.helper.make_node("MaxPool", [quantized], [pooled_q],
+                                         name=unique_name(f"{pool.name}_uint8", taken))
+        new_pool.attribute.extend(a for a in pool.attribute if a.name != "storage_order")
+        dequant = onnx.helper.make_node("DequantizeLinear", [pooled_q, *dq.input[1:]], [pooled],
+                                        name=unique_name(f"{pool.name}_dequantize", taken))
+        squash = onnx.helper.make_node("Sigmoid", [pooled], [pool.output[0]],
+                                       name=unique_name(f"{pool.name}_sigmoid", taken))
+        index = list(model.graph.node).index(pool)
+        model.graph.node.remove(pool)
+        for offset, node in enumerate((new_pool, dequant, squash)):
+            model.graph.node.insert(index + offset, node)
+        rewritten += 1
+    if rewritten:
+        remove_dead_nodes(model)
+    return rewritten
+
+
+def _through_identity_transposes(name: str, prod: dict[str, onnx.NodeProto]) -> str | None:
+    """The tensor behind a chain of Transposes ending in ``name`` if the chain is the identity, else None."""
+    perms: list[list[int]] = []
+    node = prod.get(name)
+    while node is not None and node.op_type == "Transpose":
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        if perm is None:
+            return None
+        perms.append(perm)
+        name = node.input[0]
+        node = prod.get(name)
+    order = list(range(len(perms[0]))) if perms else []
+    for perm in reversed(perms):  # innermost transpose first
+        if len(perm) != len(order):
+            return None
+        order = [order[i] for i in perm]
+    return name if order == sorted(order) else None
+
+
+def _positive_scalar_scale(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
+    if len(dq.input) < 2 or dq.input[1] not in inits:
+        return False
+    scale = numpy_helper.to_array(inits[dq.input[1]])
+    return scale.size == 1 and float(scale.reshape(())) > 0
+
+
+def remove_dead_nodes(model: onnx.ModelProto) -> None:
+    """Drop nodes whose outputs nobody reads, and initializers no node reads (in place)."""
+    wanted = {o.name for o in model.graph.output}
+    changed = True
+    while changed:
+        read = wanted | {i for n in model.graph.node for i in n.input}
+        dead = [n for n in model.graph.node if not any(o in read for o in n.output if o)]
+        for node in dead:
+            model.graph.node.remove(node)
+        changed = bool(dead)
+    read = {i for n in model.graph.node for i in n.input} | wanted
+    unused = [i for i in model.graph.initializer if i.name not in read]
+    for init in unused:
+        model.graph.initializer.remove(init)
