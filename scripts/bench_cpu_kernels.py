@@ -115,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| depthwise | uint8 ms | fp32 ms |\n|---|---:|---:|")
     for channels, size, kernel in [(72, 128, 3), (80, 128, 3), (18, 128, 5), (32, 128, 5), (16, 256, 3),
                                    (128, 128, 3), (720, 16, 5)]:
-        integer = kernel_ms(depthwise_model(channels, size, kernel, True), channels, size, args.runs, {"conv0"})
-        floating = kernel_ms(depthwise_model(channels, size, kernel, False), channels, size, args.runs, {"conv0"})
+        convs = {"Conv", "QLinearConv"}  # by op type: ONNX Runtime renames the NCHWc conv node
+        integer = kernel_ms(depthwise_model(channels, size, kernel, True), channels, size, args.runs, convs)
+        floating = kernel_ms(depthwise_model(channels, size, kernel, False), channels, size, args.runs, convs)
         print(f"| {channels} ch, {size}x{size}, {kernel}x{kernel} | {integer:.3f} | {floating:.3f} |")
     print("\n| 2x bilinear upsampling, 64 ch, 64x64 -> 128x128 | ms |\n|---|---:|")
     for label, integer_resize in (("uint8 Resize", True), ("DQ -> float Resize -> Q", False)):
