@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .graph import consumers, initializers, producers, unique_name
+from .graph import constant_array, consumers, initializers, producers, unique_name
 
 __all__ = [
     "DEPTHWISE_CHANNEL_BLOCK",
@@ -54,23 +54,24 @@ def _attr(node: onnx.NodeProto, name: str, default: int = 1) -> int:
 def _constant(model: onnx.ModelProto, name: str, inits: dict[str, onnx.TensorProto],
               prod: dict[str, onnx.NodeProto]) -> np.ndarray | None:
     """Value of ``name`` if it is an initializer, a Constant, or computed from constants only."""
-    if name in inits:
-        return numpy_helper.to_array(inits[name])
-    node = prod.get(name)
-    if node is None or not _is_constant(name, inits, prod, {}):
+    if not _is_constant(name, inits, prod, {}):
         return None
-    if node.op_type == "Constant":
-        return numpy_helper.to_array(next(a.t for a in node.attribute if a.name == "value"))
-    values = [_constant(model, i, inits, prod) if i else None for i in node.input]
-    if any(v is None for i, v in zip(node.input, values, strict=True) if i):
-        return None
+    return _fold(model, name, inits, prod)
+
+
+def _fold(model: onnx.ModelProto, name: str, inits: dict[str, onnx.TensorProto],
+          prod: dict[str, onnx.NodeProto]) -> np.ndarray:
+    """Evaluate a tensor known to depend on constants only (a Reshape of a bias, say)."""
+    value = constant_array(model, name)
+    if value is not None:
+        return value
     from onnx.reference import ReferenceEvaluator
 
-    feeds = {i: v for i, v in zip(node.input, values, strict=True) if i}
+    node = prod[name]
+    feeds = {i: _fold(model, i, inits, prod) for i in node.input if i}
     sub = onnx.helper.make_graph([node], "fold", [], [onnx.helper.make_tensor_value_info(o, 0, None)
                                                       for o in node.output])
-    sub_model = onnx.helper.make_model(sub, opset_imports=model.opset_import)
-    results = ReferenceEvaluator(sub_model).run(None, feeds)
+    results = ReferenceEvaluator(onnx.helper.make_model(sub, opset_imports=model.opset_import)).run(None, feeds)
     return np.asarray(results[list(node.output).index(name)])
 
 
@@ -286,8 +287,6 @@ def fold_constant_scaling(model: onnx.ModelProto) -> int:
         for user in cons[product]:
             for data, s, z in _slots(user, product):
                 user.input[data], user.input[s], user.input[z] = x, new_scale, x_zp
-            # The reader's other operands may be ``product`` too; keep the consumer map current.
-            cons.setdefault(x, []).append(user)
         removed.append(node)
     for node in removed:
         model.graph.node.remove(node)
