@@ -13,11 +13,7 @@ ONNX Runtime 1.31, one thread; ``scripts/bench_cpu_int8.py --micro``):
 * an integer convolution over a 3-channel image into few channels is slower than fp32 (1.7 vs 0.6 ms for
   mb3's 16-channel stem: the im2col of 3-byte pixels dominates), so :func:`image_convolutions` names those
   layers to keep in float;
-* peak NMS written as ``MaxPool(Sigmoid(DQ(q)))`` makes ONNX Runtime transpose and re-block the float
-  heatmap for its NCHWc pooling kernel (1.7 ms on mb3); :func:`pool_quantized_logits` pools the uint8
-  logits instead (an NHWC uint8 kernel) and applies ``Sigmoid(DQ(.))`` to the pooled values. Both
-  functions are non-decreasing, so they commute with max exactly, in float arithmetic too: the outputs
-  are bit-identical, and nothing is quantized that was not before.
+* peak NMS on the quantized heatmap logits has its own exact rewrites in :mod:`.quantized_peaks`.
 """
 
 from __future__ import annotations
@@ -35,8 +31,6 @@ __all__ = [
     "fold_constant_scaling",
     "image_convolutions",
     "pad_depthwise_channels",
-    "pool_quantized_logits",
-    "remove_dead_nodes",
 ]
 
 DEPTHWISE_CHANNEL_BLOCK = 16
@@ -356,82 +350,3 @@ def image_convolutions(model: onnx.ModelProto, network: Iterable[str], max_chann
         if len(weight) >= 2 and weight[1] * _attr(node, "group") <= max_channels and weight[0] <= max_outputs:
             found.append(node.name)
     return found
-
-
-def pool_quantized_logits(model: onnx.ModelProto) -> int:
-    """Rewrite ``MaxPool(Sigmoid(DequantizeLinear(q)))`` as ``Sigmoid(DequantizeLinear(MaxPool(q)))``.
-
-    Transposes between the sigmoid and the pool are allowed when they compose to the identity (a
-    TensorFlow export transposes NCHW -> NHWC -> NCHW around its outputs). The dequantization must be
-    per-tensor with a positive scale. In place; returns the number of pools rewritten.
-    """
-    inits = initializers(model.graph)
-    prod = producers(model.graph)
-    taken = {n.name for n in model.graph.node}
-    rewritten = 0
-    for pool in list(model.graph.node):
-        if pool.op_type != "MaxPool" or len([o for o in pool.output if o]) != 1:
-            continue
-        source = _through_identity_transposes(pool.input[0], prod)
-        sigmoid = prod.get(source) if source else None
-        dq = prod.get(sigmoid.input[0]) if sigmoid is not None and sigmoid.op_type == "Sigmoid" else None
-        if dq is None or dq.op_type != "DequantizeLinear" or not _positive_scalar_scale(dq, inits):
-            continue
-        quantized, pooled_q, pooled = dq.input[0], f"{pool.output[0]}_uint8", f"{pool.output[0]}_logits"
-        new_pool = onnx.helper.make_node("MaxPool", [quantized], [pooled_q],
-                                         name=unique_name(f"{pool.name}_uint8", taken))
-        new_pool.attribute.extend(a for a in pool.attribute if a.name != "storage_order")
-        dequant = onnx.helper.make_node("DequantizeLinear", [pooled_q, *dq.input[1:]], [pooled],
-                                        name=unique_name(f"{pool.name}_dequantize", taken))
-        squash = onnx.helper.make_node("Sigmoid", [pooled], [pool.output[0]],
-                                       name=unique_name(f"{pool.name}_sigmoid", taken))
-        index = list(model.graph.node).index(pool)
-        model.graph.node.remove(pool)
-        for offset, node in enumerate((new_pool, dequant, squash)):
-            model.graph.node.insert(index + offset, node)
-        rewritten += 1
-    if rewritten:
-        remove_dead_nodes(model)
-    return rewritten
-
-
-def _through_identity_transposes(name: str, prod: dict[str, onnx.NodeProto]) -> str | None:
-    """The tensor behind a chain of Transposes ending in ``name`` if the chain is the identity, else None."""
-    perms: list[list[int]] = []
-    node = prod.get(name)
-    while node is not None and node.op_type == "Transpose":
-        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-        if perm is None:
-            return None
-        perms.append(perm)
-        name = node.input[0]
-        node = prod.get(name)
-    order = list(range(len(perms[0]))) if perms else []
-    for perm in reversed(perms):  # innermost transpose first
-        if len(perm) != len(order):
-            return None
-        order = [order[i] for i in perm]
-    return name if order == sorted(order) else None
-
-
-def _positive_scalar_scale(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
-    if len(dq.input) < 2 or dq.input[1] not in inits:
-        return False
-    scale = numpy_helper.to_array(inits[dq.input[1]])
-    return scale.size == 1 and float(scale.reshape(())) > 0
-
-
-def remove_dead_nodes(model: onnx.ModelProto) -> None:
-    """Drop nodes whose outputs nobody reads, and initializers no node reads (in place)."""
-    wanted = {o.name for o in model.graph.output}
-    changed = True
-    while changed:
-        read = wanted | {i for n in model.graph.node for i in n.input}
-        dead = [n for n in model.graph.node if not any(o in read for o in n.output if o)]
-        for node in dead:
-            model.graph.node.remove(node)
-        changed = bool(dead)
-    read = {i for n in model.graph.node for i in n.input} | wanted
-    unused = [i for i in model.graph.initializer if i.name not in read]
-    for init in unused:
-        model.graph.initializer.remove(init)

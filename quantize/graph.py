@@ -22,6 +22,7 @@ __all__ = [
     "ensure_node_names",
     "initializers",
     "producers",
+    "remove_dead_nodes",
     "tensor_types",
     "topological_sort",
     "unique_name",
@@ -160,3 +161,19 @@ def _node_inputs(node: onnx.NodeProto) -> list[str]:
             for n in sub.node:
                 names.extend(x for x in _node_inputs(n) if x and x not in inner)
     return names
+
+
+def remove_dead_nodes(model: onnx.ModelProto) -> None:
+    """Drop nodes whose outputs nobody reads, and initializers no node reads (in place)."""
+    wanted = {o.name for o in model.graph.output}
+    changed = True
+    while changed:
+        read = wanted | {i for n in model.graph.node for i in n.input}
+        dead = [n for n in model.graph.node if not any(o in read for o in n.output if o)]
+        for node in dead:
+            model.graph.node.remove(node)
+        changed = bool(dead)
+    read = {i for n in model.graph.node for i in n.input} | wanted
+    unused = [i for i in model.graph.initializer if i.name not in read]
+    for init in unused:
+        model.graph.initializer.remove(init)

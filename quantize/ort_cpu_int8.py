@@ -16,10 +16,12 @@ driven with our ranges (``tensors_range``), so no ONNX Runtime calibrator runs:
 ONNX Runtime's integer kernels have their own cost model, so by default (``kernel_rewrites``) the graph
 is first rewritten for them, without changing what it computes (:mod:`cpu_rewrites`): depthwise channel
 groups padded to multiples of 16, the stem convolution over the image kept float, constant scalings
-folded into scales, peak pooling on the uint8 logits. Resize stays float between DQ and Q (ONNX Runtime's
-uint8 bilinear resize measured 3x slower than its float one plus the conversions). Measured on the mb3
-CenterNet (MobileNetV3: depthwise convs, hard-swish), one thread: 1.3x fp32 without the rewrites, about
-1.7x with them; see scripts/bench_calibration.py and scripts/bench_cpu_kernels.py.
+folded into scales; peak NMS runs on the uint8 logits (:mod:`quantized_peaks`). Resize stays float
+between DQ and Q (ONNX Runtime's uint8 bilinear resize measured 3x slower than its float one plus the
+conversions), and concat inputs are quantized with the concat's output range (``shared_concat_ranges``)
+so ``QLinearConcat`` copies instead of requantizing. Measured on the mb3 CenterNet (MobileNetV3:
+depthwise convs, hard-swish), one thread: 1.3x fp32 without these, about 1.85x with them; see
+scripts/bench_calibration.py and scripts/bench_cpu_kernels.py.
 """
 
 from __future__ import annotations
@@ -31,15 +33,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .cpu_rewrites import (
-    fold_constant_scaling,
-    image_convolutions,
-    pad_depthwise_channels,
-    pool_quantized_logits,
-    remove_dead_nodes,
-)
-from .graph import topological_sort
+from .cpu_rewrites import fold_constant_scaling, image_convolutions, pad_depthwise_channels
+from .graph import remove_dead_nodes, topological_sort
 from .placement import GraphRegions, graph_regions
+from .quantized_peaks import mask_peaks_on_quantized_logits, pool_quantized_logits
 
 __all__ = [
     "DEFAULT_CPU_OPS",
@@ -78,6 +75,8 @@ class CpuInt8Config:
     float_ops: tuple[str, ...] = ()
     # Float-exact rewrites for ONNX Runtime's integer kernels (see cpu_rewrites); off only to measure them.
     kernel_rewrites: bool = True
+    # Concat inputs quantized with the output's range (see shared_concat_ranges); off only to measure it.
+    shared_concat_ranges: bool = True
 
 
 def ort_ranges(
@@ -153,6 +152,8 @@ def build_ort_cpu_int8(
         pad_depthwise_channels(model)  # tensor and node names are kept: ranges and regions still apply
         keep_float |= set(image_convolutions(model, regions.network))
     exclude = _excluded_nodes(model, regions, ranges, keep_float, config)
+    if config.shared_concat_ranges:
+        ranges = shared_concat_ranges(model, ranges, exclude)
     work = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     tensors = _tensors_data(ranges)
     # QDQKeepRemovableActivations=False lets Relu/Clip vanish into the uint8 range of the conv output.
@@ -176,6 +177,7 @@ def build_ort_cpu_int8(
         if config.fmt == "qoperator":
             fold_constant_scaling(out)
         pool_quantized_logits(out)
+        mask_peaks_on_quantized_logits(out)
         remove_dead_nodes(out)
     # Inferred shapes of the fp32 graph are stale for the quantized one; ONNX Runtime re-infers them.
     del out.graph.value_info[:]
@@ -210,6 +212,61 @@ def _float_inputs_for_float_nodes(model: onnx.ModelProto,
             now = prod.get(tensor)
             if q.input[0] == tensor and (now.name if now is not None else None) == producer:
                 node.input[i] = tensor
+
+
+def shared_concat_ranges(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]],
+                         exclude: Iterable[str] = ()) -> dict[str, tuple[float, float]]:
+    """Ranges where every quantized Concat's inputs carry the range its output is quantized with.
+
+    ONNX Runtime's ``QLinearConcat`` copies inputs whose scale and zero point equal the output's and
+    requantizes the others through a table, 4x slower (0.24 vs 0.06 ms per MB). TensorRT shares concat
+    scales the same way. The concatenated values are then rounded once, at the output's scale, instead of
+    twice. A Concat read only by a Relu or Clip is quantized with the activation's range (the
+    quantizer folds the activation into it); inputs read by nothing else take that range too, which clips
+    exactly what the activation would. Otherwise inputs and output share their union, and other readers
+    of a narrower input see it at the coarser scale. Repeated until chains of concats agree.
+    """
+    out = dict(ranges)
+    skip = set(exclude)
+    inits = {i.name for i in model.graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in model.graph.output}
+    changed = True
+    while changed:
+        changed = False
+        for node in model.graph.node:
+            if node.op_type != "Concat" or node.name in skip:
+                continue
+            inputs = [t for t in node.input if t and t not in inits]
+            tensors = [*inputs, node.output[0]]
+            if any(t not in out for t in tensors):
+                continue
+            activation = _folded_activation(node.output[0], readers, graph_outputs, skip)
+            if activation is not None and activation in out:
+                target = out[activation]
+                tensors = [node.output[0]] + [t for t in inputs
+                                              if len(readers.get(t, [])) == 1 and t not in graph_outputs]
+            else:
+                target = (min(out[t][0] for t in tensors), max(out[t][1] for t in tensors))
+            for t in tensors:
+                if out[t] != target:
+                    out[t] = target
+                    changed = True
+    return out
+
+
+def _folded_activation(tensor: str, readers: Mapping[str, list[onnx.NodeProto]], graph_outputs: set[str],
+                       skip: set[str]) -> str | None:
+    """The output of the Relu or Clip that alone reads ``tensor`` (ONNX Runtime's quantizer folds it into
+    ``tensor``'s range), else None. Clamping commutes with Concat, so clamping the inputs is exact."""
+    users = readers.get(tensor, [])
+    if len(users) != 1 or tensor in graph_outputs or users[0].name in skip:
+        return None
+    user = users[0]
+    return user.output[0] if user.op_type in ("Relu", "Clip") else None
 
 
 def _excluded_nodes(model: onnx.ModelProto, regions: GraphRegions, ranges: Mapping[str, tuple[float, float]],

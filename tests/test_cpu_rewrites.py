@@ -12,7 +12,6 @@ from centernet_edge.quantize.cpu_rewrites import (
     fold_constant_scaling,
     image_convolutions,
     pad_depthwise_channels,
-    pool_quantized_logits,
 )
 
 RNG = np.random.default_rng(0)
@@ -109,57 +108,6 @@ def test_depthwise_padding_leaves_groups_it_cannot_widen():
     assert exposed.SerializeToString() == before
     small = _inverted_residual(18)
     assert pad_depthwise_channels(small, min_pixels=41 * 41) == []  # 40x40 output: not worth it
-
-
-def _peak_model(perms: tuple[tuple[int, ...], ...]) -> onnx.ModelProto:
-    """uint8 logits -> DQ -> Sigmoid -> transposes -> MaxPool 3x3 -> back to NHWC -> peak mask."""
-    inits = [_init("scale", np.array(0.25, np.float32)), _init("zp", np.array(100, np.uint8))]
-    nodes = [
-        helper.make_node("QuantizeLinear", ["x", "scale", "zp"], ["logits_q"], name="quantize"),
-        helper.make_node("DequantizeLinear", ["logits_q", "scale", "zp"], ["logits"], name="dequantize"),
-        helper.make_node("Sigmoid", ["logits"], ["heat_nchw"], name="sigmoid"),
-        helper.make_node("Transpose", ["heat_nchw"], ["heat"], name="to_nhwc", perm=[0, 2, 3, 1]),
-    ]
-    current = "heat"
-    for i, perm in enumerate(perms):
-        nodes.append(helper.make_node("Transpose", [current], [f"t{i}"], name=f"t{i}", perm=list(perm)))
-        current = f"t{i}"
-    nodes += [
-        helper.make_node("MaxPool", [current], ["pooled"], name="peak_pool", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
-        helper.make_node("Transpose", ["pooled"], ["pooled_nhwc"], name="pooled_nhwc", perm=[0, 2, 3, 1]),
-        helper.make_node("Equal", ["heat", "pooled_nhwc"], ["is_peak"], name="equal"),
-        helper.make_node("Cast", ["is_peak"], ["peak_mask"], name="cast", to=TensorProto.FLOAT),
-        helper.make_node("Mul", ["heat", "peak_mask"], ["peaks"], name="mask"),
-    ]
-    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 12, 12, 5]) for n in ("heat", "peaks")]
-    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, 12, 12])], outputs, inits)
-
-
-def test_peak_pooling_on_uint8_logits_is_bit_identical():
-    model = _peak_model(((0, 3, 1, 2),))  # NHWC -> NCHW: with to_nhwc the identity
-    # few distinct levels: many plateaus and ties, where a wrong rewrite would show
-    x = RNG.integers(-6, 6, (1, 5, 12, 12)).astype(np.float32) * 0.5
-    before = _run(model, {"x": x})
-    assert pool_quantized_logits(model) == 1
-    onnx.checker.check_model(model)
-    after = _run(model, {"x": x})
-    for a, b in zip(before, after, strict=True):
-        assert np.array_equal(a, b)
-    pools = [n for n in model.graph.node if n.op_type == "MaxPool"]
-    assert len(pools) == 1 and pools[0].input[0] == "logits_q"
-    assert "t0" not in {o for n in model.graph.node for o in n.output}  # the dead transpose went away
-    assert before[1].astype(bool).sum() > 0  # there are peaks to compare
-
-
-def test_peak_pooling_needs_identity_transposes_and_quantized_logits():
-    swapped = _peak_model(((0, 3, 2, 1),))  # NHWC -> N C W H: pooling would see a transposed map
-    assert pool_quantized_logits(swapped) == 0
-    float_logits = _peak_model(((0, 3, 1, 2),))
-    dq = next(n for n in float_logits.graph.node if n.op_type == "DequantizeLinear")
-    float_logits.graph.node.remove(dq)
-    sigmoid = next(n for n in float_logits.graph.node if n.op_type == "Sigmoid")
-    sigmoid.input[0] = "x"
-    assert pool_quantized_logits(float_logits) == 0
 
 
 def _scaled_product(factor: float, product_is_output: bool = False) -> onnx.ModelProto:

@@ -1,0 +1,92 @@
+"""The ONNX Runtime CPU int8 model: concat inputs share the output's quantization, results stay close."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from centernet_edge.quantize.ort_cpu_int8 import CpuInt8Config, build_ort_cpu_int8, shared_concat_ranges
+from centernet_edge.quantize.placement import GraphRegions
+
+RNG = np.random.default_rng(3)
+
+
+def _concat_model(activation: bool = True) -> onnx.ModelProto:
+    """x -> conv_a (also read by conv_side) and conv_b -> Concat -> [Relu] -> conv_out."""
+    def weights(*shape: int) -> np.ndarray:
+        return RNG.normal(0, 0.4, shape).astype(np.float32)
+
+    inits = [numpy_helper.from_array(v, n) for n, v in (
+        ("w_a", weights(8, 4, 3, 3)), ("w_b", weights(8, 4, 3, 3)), ("w_side", weights(4, 8, 1, 1)),
+        ("w_out", weights(6, 16, 1, 1)))]
+    concat_out = "cat" if not activation else "cat_pre"
+    nodes = [
+        helper.make_node("Conv", ["x", "w_a"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["x", "w_b"], ["b"], name="conv_b", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["a", "w_side"], ["side"], name="conv_side"),
+        helper.make_node("Concat", ["a", "b"], [concat_out], name="concat", axis=1),
+    ]
+    if activation:
+        nodes.append(helper.make_node("Relu", ["cat_pre"], ["cat"], name="relu"))
+    nodes.append(helper.make_node("Conv", ["cat", "w_out"], ["y"], name="conv_out"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 16, 16])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "side")],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _observed_ranges(model: onnx.ModelProto, x: np.ndarray) -> dict[str, tuple[float, float]]:
+    tensors = [o for n in model.graph.node for o in n.output]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors)
+    values = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    return {t: (min(float(v.min()), 0.0), max(float(v.max()), 0.0)) for t, v in zip(tensors, values, strict=True)}
+
+
+def test_concat_inputs_take_the_folded_activation_range():
+    model = _concat_model(activation=True)
+    ranges = {"a": (-3.0, 2.0), "b": (-1.0, 5.0), "cat_pre": (-3.0, 5.0), "cat": (0.0, 5.0),
+              "side": (-1.0, 1.0), "y": (-2.0, 2.0)}
+    shared = shared_concat_ranges(model, ranges)
+    assert shared["b"] == shared["cat_pre"] == (0.0, 5.0)  # clamped exactly as the Relu would
+    assert shared["a"] == (-3.0, 2.0)  # conv_side reads a's negatives too: left alone
+    assert {k: v for k, v in shared.items() if k not in ("b", "cat_pre")} == {
+        k: v for k, v in ranges.items() if k not in ("b", "cat_pre")}
+    assert shared_concat_ranges(model, ranges, exclude=["concat"]) == ranges
+
+
+def test_concat_without_activation_shares_the_union():
+    model = _concat_model(activation=False)
+    ranges = {"a": (-3.0, 2.0), "b": (-1.0, 5.0), "cat": (-2.5, 4.5), "side": (-1.0, 1.0), "y": (-2.0, 2.0)}
+    shared = shared_concat_ranges(model, ranges)
+    assert shared["a"] == shared["b"] == shared["cat"] == (-3.0, 5.0)
+    assert shared["side"] == ranges["side"]
+
+
+def test_qlinear_concat_reads_its_inputs_at_the_output_scale():
+    model = _concat_model(activation=True)
+    x = RNG.normal(0, 1, (1, 4, 16, 16)).astype(np.float32)
+    ranges = _observed_ranges(model, x)
+    regions = GraphRegions(preprocess=set(), network={n.name for n in model.graph.node}, decode=set(),
+                           constant=set())
+    outputs = {}
+    for shared in (False, True):
+        config = CpuInt8Config(shared_concat_ranges=shared, kernel_rewrites=False)
+        cpu = build_ort_cpu_int8(model, ranges, config=config, regions=regions)
+        inits = {i.name: numpy_helper.to_array(i) for i in cpu.graph.initializer}
+        concat = next(n for n in cpu.graph.node if n.op_type == "QLinearConcat")
+        out_scale, b_scale = inits[concat.input[0]], inits[concat.input[6]]  # Y_scale; (b, b_scale, b_zp)
+        assert (out_scale == b_scale) == shared
+        outputs[shared] = ort.InferenceSession(cpu.SerializeToString(),
+                                               providers=["CPUExecutionProvider"]).run(["y"], {"x": x})[0]
+    reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        ["y"], {"x": x})[0]
+    errors = {shared: float(np.abs(out - reference).mean()) for shared, out in outputs.items()}
+    assert 0 < errors[True] < 0.05 * float(np.abs(reference).mean())
+    assert errors[True] <= errors[False] * 1.5  # one rounding instead of two: no worse than requantizing
