@@ -34,6 +34,7 @@ import numpy as np
 import onnx
 
 from .cpu_rewrites import fold_constant_scaling, image_convolutions, pad_depthwise_channels
+from .float_layers import shield_float_layers
 from .graph import remove_dead_nodes, topological_sort
 from .placement import GraphRegions, graph_regions
 from .quantized_peaks import mask_peaks_on_quantized_logits, pool_quantized_logits
@@ -179,6 +180,7 @@ def build_ort_cpu_int8(
         pool_quantized_logits(out)
         mask_peaks_on_quantized_logits(out)
         remove_dead_nodes(out)
+    shield_float_layers(out)  # else ONNX Runtime quantizes their weights per tensor at load time
     # Inferred shapes of the fp32 graph are stale for the quantized one; ONNX Runtime re-infers them.
     del out.graph.value_info[:]
     topological_sort(out.graph)  # the quantizer appends its Q/DQ nodes at the end
@@ -219,7 +221,7 @@ def shared_concat_ranges(model: onnx.ModelProto, ranges: Mapping[str, tuple[floa
     """Ranges where every quantized Concat's inputs carry the range its output is quantized with.
 
     ONNX Runtime's ``QLinearConcat`` copies inputs whose scale and zero point equal the output's and
-    requantizes the others through a table, 4x slower (0.24 vs 0.06 ms per MB). TensorRT shares concat
+    requantizes the others through a table, about 3x slower (``scripts/bench_cpu_kernels.py``). TensorRT shares concat
     scales the same way. The concatenated values are then rounded once, at the output's scale, instead of
     twice. A Concat read only by a Relu or Clip is quantized with the activation's range (the
     quantizer folds the activation into it); inputs read by nothing else take that range too, which clips

@@ -76,7 +76,7 @@ def mask_peaks_on_quantized_logits(model: onnx.ModelProto, score_floor: float = 
     ``heat`` and ``hmax`` must be ``Sigmoid(DequantizeLinear(.))`` of ``q`` and ``q_max`` with the same
     scale and zero point, behind the same Transposes; the mask either ``Cast(Equal(heat, hmax))`` or
     ``1 - Ceil(hmax - heat)`` with ``q_max = MaxPool(q)`` (then ``hmax >= heat`` and the two forms agree).
-    (ONNX Runtime's ``Where`` would save the Cast but measured 4x slower than Cast + Mul.) Run after
+    (ONNX Runtime's ``Where`` would save the Cast but measured 4-10x slower than Cast + Mul.) Run after
     :func:`pool_quantized_logits`. ``score_floor``: see the module docstring. Returns the number of masks
     rewritten.
     """

@@ -63,8 +63,13 @@ def _shared() -> Path:
 
 
 def _tree_rss(proc: psutil.Process) -> int:
+    """RSS of a process and its children; processes that exit while being read count as 0."""
+    try:
+        tree = [proc, *proc.children(recursive=True)]
+    except psutil.Error:  # the process has exited
+        return 0
     total = 0
-    for p in [proc, *proc.children(recursive=True)]:
+    for p in tree:
         try:
             total += p.memory_info().rss
         except psutil.Error:

@@ -3,7 +3,10 @@
 1. depthwise convolution, uint8 (NHWC integer kernel) vs fp32 (NCHWc), over channel counts: the integer
    kernel works in blocks of 16 channels, hence the channel padding;
 2. a 2x bilinear upsampling (``Resize``, TensorFlow's asymmetric coordinates) between two integer
-   convolutions: uint8 Resize vs DequantizeLinear -> float Resize -> QuantizeLinear.
+   convolutions: uint8 Resize vs DequantizeLinear -> float Resize -> QuantizeLinear;
+3. ``QLinearConcat`` of two integer convolutions whose outputs have the concat's scale (a copy) or their
+   own (requantized), the reason for ``shared_concat_ranges``;
+4. the peak mask ``heat * Cast(is_peak)`` vs ``Where(is_peak, heat, 0)`` on an mb3-sized heatmap.
 
 Each case is a small model in its own session; the time is the mean kernel time over ``--runs`` calls
 from ONNX Runtime's profiler (so Q/DQ at the model's edges are not counted).
@@ -84,6 +87,37 @@ def upsample_model(channels: int, size: int, integer_resize: bool) -> onnx.Model
     return _model(nodes, inits, channels, size)
 
 
+def concat_model(channels: int, size: int, shared_scale: bool) -> onnx.ModelProto:
+    nodes: list = []
+    inits: list = [numpy_helper.from_array(np.array(0.03, np.float32), "s_own"),
+                   numpy_helper.from_array(np.array(100, np.uint8), "z_own")]
+    _quantize_in(nodes, inits)
+    _qconv(0, "q_in", "a", channels, 1, 1, nodes, inits)
+    _qconv(1, "q_in", "b", channels, 1, 1, nodes, inits)
+    if not shared_scale:  # b written at its own scale, as each tensor's own range gives it
+        nodes[-1].input[6], nodes[-1].input[7] = "s_own", "z_own"
+    b_scale = ["s", "z"] if shared_scale else ["s_own", "z_own"]
+    nodes.append(helper.make_node("QLinearConcat", ["s", "z", "a", "s", "z", "b", *b_scale], ["c"], axis=1,
+                                  domain="com.microsoft", name="concat"))
+    nodes.append(helper.make_node("DequantizeLinear", ["c", "s", "z"], ["y"]))
+    model = _model(nodes, inits, channels, size)
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model
+
+
+def peak_mask_model(channels: int, size: int, where: bool) -> onnx.ModelProto:
+    inits = [numpy_helper.from_array(np.array(0.0, np.float32), "zero")]
+    nodes = [helper.make_node("Sigmoid", ["x"], ["heat"]),
+             helper.make_node("MaxPool", ["heat"], ["hmax"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Equal", ["heat", "hmax"], ["is_peak"])]
+    if where:
+        nodes.append(helper.make_node("Where", ["is_peak", "heat", "zero"], ["y"], name="mask_where"))
+    else:
+        nodes += [helper.make_node("Cast", ["is_peak"], ["mask"], to=TensorProto.FLOAT, name="mask_cast"),
+                  helper.make_node("Mul", ["heat", "mask"], ["y"], name="mask_mul")]
+    return _model(nodes, inits, channels, size)
+
+
 def kernel_ms(model: onnx.ModelProto, channels: int, size: int, runs: int, ops: set[str]) -> float:
     """Mean time per call of the nodes named in ``ops`` (by op type or node name), from the profiler."""
     options = ort.SessionOptions()
@@ -122,6 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| 2x bilinear upsampling, 64 ch, 64x64 -> 128x128 | ms |\n|---|---:|")
     for label, integer_resize in (("uint8 Resize", True), ("DQ -> float Resize -> Q", False)):
         ms = kernel_ms(upsample_model(64, 64, integer_resize), 64, 64, args.runs, {"resize"})
+        print(f"| {label} | {ms:.3f} |")
+    print("\n| QLinearConcat, 2 x 64 ch, 128x128 | ms |\n|---|---:|")
+    for label, shared in (("inputs at the output's scale", True), ("one input requantized", False)):
+        print(f"| {label} | {kernel_ms(concat_model(64, 128, shared), 64, 128, args.runs, {'concat'}):.3f} |")
+    print("\n| peak mask, 80 ch, 128x128 | ms |\n|---|---:|")
+    for label, where in (("Cast + Mul", False), ("Where", True)):
+        ms = kernel_ms(peak_mask_model(80, 128, where), 80, 128, args.runs, {"mask_"})
         print(f"| {label} | {ms:.3f} |")
     return 0
 

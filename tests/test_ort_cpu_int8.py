@@ -1,12 +1,14 @@
-"""The ONNX Runtime CPU int8 model: concat inputs share the output's quantization, results stay close."""
+"""The ONNX Runtime CPU int8 model: concat inputs share the output's quantization, float layers stay float."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from centernet_edge.quantize.float_layers import shield_float_layers
 from centernet_edge.quantize.ort_cpu_int8 import CpuInt8Config, build_ort_cpu_int8, shared_concat_ranges
 from centernet_edge.quantize.placement import GraphRegions
 
@@ -90,3 +92,65 @@ def test_qlinear_concat_reads_its_inputs_at_the_output_scale():
     errors = {shared: float(np.abs(out - reference).mean()) for shared, out in outputs.items()}
     assert 0 < errors[True] < 0.05 * float(np.abs(reference).mean())
     assert errors[True] <= errors[False] * 1.5  # one rounding instead of two: no worse than requantizing
+
+
+def _float_conv_after_dequantize(gemm: bool = False) -> onnx.ModelProto:
+    """x -> Q -> DQ -> float Conv (or Gemm) -> Q -> DQ, the weights spanning 1e-3..1 across output channels
+    (a float layer between quantized ones)."""
+    magnitudes = np.logspace(-3, 0, 8).astype(np.float32)
+    if gemm:
+        weight = RNG.normal(0, 1, (16, 8)).astype(np.float32) * magnitudes[None, :]
+        layer = helper.make_node("Gemm", ["x_dq", "w", "b"], ["y_float"], name="layer")
+        shape, out_shape = [4, 16], [4, 8]
+    else:
+        weight = RNG.normal(0, 1, (8, 4, 3, 3)).astype(np.float32) * magnitudes[:, None, None, None]
+        layer = helper.make_node("Conv", ["x_dq", "w", "b"], ["y_float"], name="layer", pads=[1, 1, 1, 1])
+        shape, out_shape = [1, 4, 8, 8], [1, 8, 8, 8]
+    bias = RNG.normal(0, 0.1, 8).astype(np.float32)
+    inits = [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b"),
+             numpy_helper.from_array(np.array(0.02, np.float32), "s"),
+             numpy_helper.from_array(np.array(0.01, np.float32), "s_out"),
+             numpy_helper.from_array(np.array(128, np.uint8), "z")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["x_q"]),
+             helper.make_node("DequantizeLinear", ["x_q", "s", "z"], ["x_dq"]), layer,
+             helper.make_node("QuantizeLinear", ["y_float", "s_out", "z"], ["y_q"]),
+             helper.make_node("DequantizeLinear", ["y_q", "s_out", "z"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("gemm", [False, True])
+def test_float_layers_stay_float_in_onnx_runtime(gemm):
+    model = _float_conv_after_dequantize(gemm)
+    x = RNG.normal(0, 1, [4, 16] if gemm else [1, 4, 8, 8]).astype(np.float32)
+
+    def run(m: onnx.ModelProto, **kwargs) -> np.ndarray:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        return ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"],
+                                    **kwargs).run(["y"], {"x": x})[0]
+
+    float_weights = run(model, disabled_optimizers=["WeightBiasQuantization"])
+    assert shield_float_layers(model) == ["layer"]
+    onnx.checker.check_model(model)
+    shielded = run(model)  # every default optimization on
+    np.testing.assert_allclose(shielded, float_weights, rtol=1e-5, atol=1e-6)
+    dq = next(n for n in model.graph.node if n.output[0] == "layer_input_dequantized")
+    assert numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == dq.input[1])).shape == (
+        16 if gemm else 4,)
+    assert shield_float_layers(model) == []  # already per-channel: nothing left to do
+
+
+def test_cpu_model_float_layers_are_shielded():
+    model = _concat_model(activation=True)
+    x = RNG.normal(0, 1, (1, 4, 16, 16)).astype(np.float32)
+    regions = GraphRegions(preprocess=set(), network={n.name for n in model.graph.node}, decode=set(),
+                           constant=set())
+    cpu = build_ort_cpu_int8(model, _observed_ranges(model, x), keep_float=["conv_out"], regions=regions)
+    producer = {o: n for n in cpu.graph.node for o in n.output}
+    conv_out = next(n for n in cpu.graph.node if n.name == "conv_out")
+    dq = producer[conv_out.input[0]]
+    assert dq.op_type == "DequantizeLinear" and next(a.i for a in dq.attribute if a.name == "axis") == 1
