@@ -60,9 +60,9 @@ DEFAULT_CPU_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Mul", "Con
 class CpuInt8Config:
     """What to quantize. ``fmt`` "qoperator" (QLinear* ops written out) or "qdq" (ORT fuses at load time).
 
-    QOperator is the default because it measured fastest on mb3 (1.7x fp32 vs 1.3x for QDQ with the kernel
-    rewrites, one thread, AVX-512 VNNI); QDQ drifted less from fp32 (25.8 vs 23.8 AP on the dev set) and is
-    the format that can hand float layers their float inputs back.
+    QOperator is the default because it measured fastest on mb3 (1.87x fp32 vs 1.35x for QDQ, one thread,
+    AVX-512 VNNI); QDQ drifted less from fp32 (25.7 vs 24.2 AP on the dev set) and is the format that can
+    hand float layers their float inputs back.
     """
 
     op_types: tuple[str, ...] = DEFAULT_CPU_OPS
