@@ -43,10 +43,12 @@ __all__ = [
     "DEFAULT_CPU_OPS",
     "CpuInt8Config",
     "build_ort_cpu_int8",
+    "build_ort_cpu_int8_with_report",
     "depthwise_convs",
     "float_feeders",
     "ort_ranges",
     "quantized_node_count",
+    "shared_concat_ranges",
 ]
 
 # Ops ONNX Runtime has integer kernels for on CPU and that appear in CenterNet networks.
@@ -138,6 +140,19 @@ def build_ort_cpu_int8(
     ``ranges`` must cover every activation the chosen ops read or write; nodes whose tensors have no
     range are left in float by excluding them up front (ONNX Runtime's quantizer would otherwise fail).
     """
+    return build_ort_cpu_int8_with_report(model, ranges, keep_float=keep_float, config=config,
+                                          regions=regions)[0]
+
+
+def build_ort_cpu_int8_with_report(
+    model: onnx.ModelProto,
+    ranges: Mapping[str, tuple[float, float]],
+    *,
+    keep_float: Iterable[str] = (),
+    config: CpuInt8Config | None = None,
+    regions: GraphRegions | None = None,
+) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """:func:`build_ort_cpu_int8` and how often each graph change applied (for summary.json)."""
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
@@ -148,13 +163,19 @@ def build_ort_cpu_int8(
         raise ValueError(f"fmt must be 'qdq' or 'qoperator'; got {config.fmt!r}")
     regions = regions or graph_regions(model)
     keep_float = set(keep_float)
+    report: dict[str, int] = {}
     if config.kernel_rewrites:
         model = copy.deepcopy(model)
-        pad_depthwise_channels(model)  # tensor and node names are kept: ranges and regions still apply
-        keep_float |= set(image_convolutions(model, regions.network))
+        # tensor and node names are kept: ranges and regions still apply
+        report["depthwise_groups_padded"] = len(pad_depthwise_channels(model))
+        images = image_convolutions(model, regions.network)
+        report["image_convolutions_float"] = len(images)
+        keep_float |= set(images)
     exclude = _excluded_nodes(model, regions, ranges, keep_float, config)
     if config.shared_concat_ranges:
-        ranges = shared_concat_ranges(model, ranges, exclude)
+        shared = shared_concat_ranges(model, ranges, exclude)
+        report["concat_tensors_given_shared_range"] = sum(shared[t] != ranges.get(t) for t in shared)
+        ranges = shared
     work = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     tensors = _tensors_data(ranges)
     # QDQKeepRemovableActivations=False lets Relu/Clip vanish into the uint8 range of the conv output.
@@ -176,15 +197,16 @@ def build_ort_cpu_int8(
         _float_inputs_for_float_nodes(out, original_inputs)
     if config.kernel_rewrites:
         if config.fmt == "qoperator":
-            fold_constant_scaling(out)
-        pool_quantized_logits(out)
-        mask_peaks_on_quantized_logits(out)
+            report["constant_scalings_folded"] = fold_constant_scaling(out)
+        report["peak_pools_on_uint8"] = pool_quantized_logits(out)
+        report["peak_masks_on_uint8"] = mask_peaks_on_quantized_logits(out)
         remove_dead_nodes(out)
-    shield_float_layers(out)  # else ONNX Runtime quantizes their weights per tensor at load time
+    # else ONNX Runtime quantizes their weights per tensor at load time
+    report["float_layers_shielded"] = len(shield_float_layers(out))
     # Inferred shapes of the fp32 graph are stale for the quantized one; ONNX Runtime re-infers them.
     del out.graph.value_info[:]
     topological_sort(out.graph)  # the quantizer appends its Q/DQ nodes at the end
-    return out
+    return out, report
 
 
 def _float_inputs_for_float_nodes(model: onnx.ModelProto,

@@ -31,7 +31,7 @@ from .fp16 import convert_fp16
 from .graph import ensure_node_names
 from .head_error import HeadProbe
 from .mixed import DEFAULT_BUDGET, MixedResult, search_mixed_precision, write_precision
-from .ort_cpu_int8 import CpuInt8Config, build_ort_cpu_int8, ort_ranges
+from .ort_cpu_int8 import CpuInt8Config, build_ort_cpu_int8_with_report, ort_ranges
 from .parallel import default_workers
 from .placement import Placement, plan_placement
 from .qdq import build_qdq_model
@@ -329,20 +329,22 @@ def _cpu_artifact(model: onnx.ModelProto, spec: ModelSpec, placement: Placement,
     accuracy cost is visible."""
     _say(options, "writing ONNX Runtime CPU int8 model")
     try:
-        cpu = build_ort_cpu_int8(model, ort_ranges(amax, observed), keep_float=keep_float,
-                                 config=CpuInt8Config(fmt=options.cpu_format,
-                                                      float_head_outputs=options.cpu_float_heads),
-                                 regions=placement.regions)
+        cpu, graph_changes = build_ort_cpu_int8_with_report(
+            model, ort_ranges(amax, observed), keep_float=keep_float,
+            config=CpuInt8Config(fmt=options.cpu_format, float_head_outputs=options.cpu_float_heads),
+            regions=placement.regions)
     except Exception as exc:  # ONNX Runtime's quantizer rejects some graphs; the TensorRT artifacts stand
         log.warning("ONNX Runtime CPU int8 model not written: %s: %s", type(exc).__name__, exc)
         paths["cpu"].unlink(missing_ok=True)  # never leave a stale one from an earlier run beside new ones
         return None
     error = probe.measure(cpu).head_error
     info = {"float_layers": len(keep_float), "format": options.cpu_format,
-            "float_head_outputs": options.cpu_float_heads, "head_error": round(error, 6)}
+            "float_head_outputs": options.cpu_float_heads, "head_error": round(error, 6),
+            "graph_changes": graph_changes}
     label = "int8-mixed" if keep_float else "int8"
     extra = {**provenance, **info, "int8_format": f"ort-cpu-u8s8-{options.cpu_format}"}
     save_model(cpu, paths["cpu"], derived_spec(spec, label, extra), sidecar=foreign)
-    _say(options, f"CPU int8 model: {len(keep_float)} layer(s) float, head error {error:.4f}")
+    applied = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(graph_changes.items()) if v) or "none"
+    _say(options, f"CPU int8 model: {len(keep_float)} layer(s) float, head error {error:.4f}; graph changes: {applied}")
     return info
 

@@ -100,6 +100,10 @@ def test_artifacts_keep_io_and_label_their_precision(calibrated, inputs):
     assert labels["model_int8_cpu.onnx"] == "int8"  # the CPU model is all-int8 unless --cpu-float mixed
     summary = json.loads((calibrated / "summary.json").read_text())
     assert summary["cpu_int8"]["float_layers"] == 0 and 0 <= summary["cpu_int8"]["head_error"] <= 1
+    changes = summary["cpu_int8"]["graph_changes"]
+    # the synthetic decode has one peak NMS; its heatmap logits stay well inside the sigmoid's range
+    assert changes["peak_pools_on_uint8"] == 1 and changes["peak_masks_on_uint8"] == 1
+    assert all(isinstance(v, int) and v >= 0 for v in changes.values())
     import cv2
 
     imgs = [cv2.imread(str(p)) for p in sorted(images.glob("*.png"))[:2]]
