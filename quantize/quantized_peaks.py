@@ -129,7 +129,7 @@ def _peak_mask(model: onnx.ModelProto, heat: str, mask: str, prod: dict[str, onn
         return None
     (q_heat, dq_heat, perm), (q_left, dq_left, perm_left), (q_right, dq_right, perm_right) = (
         heat_source, left, right)
-    if not (perm == perm_left == perm_right) or {q_left, q_right} == {q_left}:
+    if not (perm == perm_left == perm_right) or q_left == q_right:
         return None
     if not (list(dq_heat.input[1:]) == list(dq_left.input[1:]) == list(dq_right.input[1:])):
         return None
