@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from centernet_edge.quantize.stats import prune_to_outputs
 from centernet_edge.runtime.spec import Decode, GraphIO, ModelSpec, Preprocess, TensorInfo
 
 SIZE = 64
@@ -318,3 +319,13 @@ def feeds(spec: ModelSpec, folder: Path, n: int) -> list[tuple[np.ndarray, list]
 
     paths = sorted(folder.glob("*.png"))[:n]
     return [prepare_batch([cv2.imread(str(p))], spec) for p in paths]
+
+
+def tensor_values(model: onnx.ModelProto, tensors: list[str], inputs: list[dict[str, np.ndarray]]
+                  ) -> list[dict[str, np.ndarray]]:
+    """The values of ``tensors`` (intermediate ones included) for each feed dict, in ONNX Runtime."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(prune_to_outputs(model, tensors).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    return [dict(zip(tensors, sess.run(tensors, feed), strict=True)) for feed in inputs]

@@ -7,6 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from quant_synthetic import tensor_values
 
 from centernet_edge.quantize.float_layers import shield_float_layers
 from centernet_edge.quantize.ort_cpu_int8 import CpuInt8Config, build_ort_cpu_int8, shared_concat_ranges
@@ -43,12 +44,8 @@ def _concat_model(activation: bool = True) -> onnx.ModelProto:
 
 def _observed_ranges(model: onnx.ModelProto, x: np.ndarray) -> dict[str, tuple[float, float]]:
     tensors = [o for n in model.graph.node for o in n.output]
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors)
-    values = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
-    return {t: (min(float(v.min()), 0.0), max(float(v.max()), 0.0)) for t, v in zip(tensors, values, strict=True)}
+    values = tensor_values(model, tensors, [{"x": x}])[0]
+    return {t: (min(float(v.min()), 0.0), max(float(v.max()), 0.0)) for t, v in values.items()}
 
 
 def test_concat_inputs_take_the_folded_activation_range():

@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
-from quant_synthetic import FRAGILE, build_synthetic_model, feeds, synthetic_spec, write_images
+from quant_synthetic import FRAGILE, build_synthetic_model, feeds, synthetic_spec, tensor_values, write_images
 
 from centernet_edge.quantize.graph import ensure_node_names, producers, topological_sort
 from centernet_edge.quantize.placement import graph_regions, plan_placement
@@ -26,16 +26,8 @@ def batches(tmp_path_factory):
 
 
 def _absmax(model: onnx.ModelProto, tensors: list[str], batches) -> dict[str, float]:
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors)
-    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    amax = dict.fromkeys(tensors, 0.0)
-    for x, _ in batches:
-        for name, value in zip(tensors, sess.run(tensors, {"image": x}), strict=True):
-            amax[name] = max(amax[name], float(np.abs(value).max()))
-    return amax
+    values = tensor_values(model, tensors, [{"image": x} for x, _ in batches])
+    return {t: max(float(np.abs(v[t]).max()) for v in values) for t in tensors}
 
 
 @pytest.fixture(scope="module")
@@ -201,16 +193,10 @@ def test_ort_cpu_int8_model(model, qdq, batches, fmt):
             if n.name in placement.regions.network and t and not t.endswith(("_w", "_b"))
         }
     )
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
     floats = [t for t in tensors if t in _float_tensors(model)]
-    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in floats)
-    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    lo, hi = dict.fromkeys(floats, 0.0), dict.fromkeys(floats, 0.0)
-    for x, _ in batches:
-        for name, v in zip(floats, sess.run(floats, {"image": x}), strict=True):
-            lo[name], hi[name] = min(lo[name], float(v.min())), max(hi[name], float(v.max()))
+    values = tensor_values(model, floats, [{"image": x} for x, _ in batches])
+    lo = {t: min(0.0, *(float(v[t].min()) for v in values)) for t in floats}
+    hi = {t: max(0.0, *(float(v[t].max()) for v in values)) for t in floats}
     amax = {t: max(-lo[t], hi[t]) for t in floats}
     cpu = build_ort_cpu_int8(
         model,

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
-from quant_synthetic import FRAGILE, build_synthetic_model, feeds, synthetic_spec, write_images
+from quant_synthetic import FRAGILE, build_synthetic_model, feeds, synthetic_spec, tensor_values, write_images
 
 from centernet_edge.quantize.graph import ensure_node_names
 from centernet_edge.quantize.head_error import HeadProbe, detection_agreement, peak_indices
@@ -25,15 +23,8 @@ def setup(tmp_path_factory):
     batches = feeds(spec, write_images(tmp_path_factory.mktemp("sens"), 6, seed=2), 6)
     placement = plan_placement(model)
     tensors = placement.activation_tensors()
-    probe_model = onnx.ModelProto()
-    probe_model.CopyFrom(model)
-    del probe_model.graph.output[:]
-    probe_model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors)
-    sess = ort.InferenceSession(probe_model.SerializeToString(), providers=["CPUExecutionProvider"])
-    amax = dict.fromkeys(tensors, 0.0)
-    for x, _ in batches:
-        for name, v in zip(tensors, sess.run(tensors, {"image": x}), strict=True):
-            amax[name] = max(amax[name], float(np.abs(v).max()))
+    values = tensor_values(model, tensors, [{"image": x} for x, _ in batches])
+    amax = {t: max(float(np.abs(v[t]).max()) for v in values) for t in tensors}
     probe = HeadProbe(spec, batches)
     probe.set_reference(model)
     return model, placement, amax, probe
