@@ -18,7 +18,7 @@ from pathlib import Path
 
 from centernet_edge.runtime.spec import GRAPH_PREPROCESS, SpecError
 
-from .onnx_export import MAX_OPSET, MAX_TOPK, MIN_OPSET, ExportError, ExportOptions
+from .onnx_export import MAX_OPSET, MAX_TOPK, MIN_OPSET, ExportError, ExportOptions, ExportResult
 
 __all__ = ["build_parser", "main"]
 
@@ -104,54 +104,41 @@ def _options(args: argparse.Namespace) -> ExportOptions:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import torch
-
-    from .onnx_export import export_checkpoint, save_onnx
+    from .pipeline import export_verified
     from .trt_ops import check_trt_compatibility
-    from .verify import Tolerances, load_images, synthetic_images, verify_export
+    from .verify import Tolerances
 
     say = (lambda *a: None) if args.quiet else print  # noqa: E731
     options = _options(args).validate()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     output = args.output or Path(args.checkpoint.stem + ".onnx")
-    if not output.parent.exists() and str(output.parent):
-        raise ExportError(f"output directory does not exist: {output.parent}")
-    if not args.checkpoint.is_file():
-        raise ExportError(f"checkpoint not found: {args.checkpoint}")
-    images = None
-    if not args.no_verify and args.verify_images is not None:
-        try:
-            images = load_images(args.verify_images, args.verify_count)
-        except ValueError as exc:
-            raise ExportError(str(exc)) from None
-
     start = time.perf_counter()
-    result = export_checkpoint(args.checkpoint, arch=args.arch, num_classes=args.num_classes, options=options)
-    model, spec = result.model, result.spec
-    say(f"{args.checkpoint.name}: {spec.arch} ({spec.source}), {spec.num_classes} classes; exported in "
-        f"{time.perf_counter() - start:.1f} s, {len(model.graph.node)} nodes")
-    for issue in check_trt_compatibility(model):
-        print(f"{PROG}: warning: TensorRT parser: {issue}", file=sys.stderr)
 
-    if not args.no_verify:
-        tolerances = Tolerances(head=args.head_tol, score=args.score_tol, box_px=args.box_tol,
-                                min_matched=args.min_matched)
-        report = verify_export(model, result.torch_model, spec, images or synthetic_images(args.verify_count),
-                               tolerances, threads=args.threads)
-        table = report.table()
+    def exported(result: ExportResult) -> None:
+        model, spec = result.model, result.spec
+        say(f"{args.checkpoint.name}: {spec.arch} ({spec.source}), {spec.num_classes} classes; exported in "
+            f"{time.perf_counter() - start:.1f} s, {len(model.graph.node)} nodes")
+        for issue in check_trt_compatibility(model):
+            print(f"{PROG}: warning: TensorRT parser: {issue}", file=sys.stderr)
+
+    tolerances = Tolerances(head=args.head_tol, score=args.score_tol, box_px=args.box_tol,
+                            min_matched=args.min_matched)
+    run = export_verified(
+        args.checkpoint, output, arch=args.arch, num_classes=args.num_classes, options=options,
+        verify=not args.no_verify, verify_images=args.verify_images, verify_count=args.verify_count,
+        tolerances=tolerances, keep_unverified=args.keep_unverified, threads=args.threads,
+        on_exported=exported,
+    )
+    if run.report is not None:
+        table = run.report.table()
         print(table.splitlines()[-1] if args.quiet else table)
-        if not report.passed and not args.keep_unverified:
-            print(f"{PROG}: {output} not written (use --keep-unverified to write it anyway)", file=sys.stderr)
-            return 1
-    save_onnx(model, output)
-    inp = spec.graph.input
-    outs = ", ".join(f"{i.name} {i.dtype} {i.shape}" for i in spec.graph.outputs.values())
+    if run.path is None:
+        print(f"{PROG}: {output} not written (use --keep-unverified to write it anyway)", file=sys.stderr)
+        return 1
+    inp = run.spec.graph.input
+    outs = ", ".join(f"{i.name} {i.dtype} {i.shape}" for i in run.spec.graph.outputs.values())
     say(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB): input {inp.name} {inp.dtype} {inp.shape}; "
         f"output {outs}")
-    if not args.no_verify and not report.passed:
-        return 1
-    return 0
+    return 0 if run.report is None or run.report.passed else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,3 +58,42 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:
     """Write ``text`` to ``path`` atomically and return the final path."""
     return atomic_write_bytes(path, text.encode(encoding))
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty temporary folder next to ``path``; when the block succeeds its entries move into
+    ``path`` (created if missing, existing entries of the same name replaced).
+
+    If the block raises (KeyboardInterrupt included) the temporary folder and everything in it are removed
+    and ``path`` is untouched. Creating the temporary folder up front also proves the destination writable
+    before any work is done.
+    """
+    import shutil
+
+    final = Path(path)
+    parent = final.parent if str(final.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"output directory's parent does not exist: {parent}")
+    if final.exists() and not final.is_dir():
+        raise FileExistsError(f"output path exists and is not a directory: {final}")
+    if final.is_dir() and not os.access(final, os.W_OK | os.X_OK):
+        raise PermissionError(f"output directory is not writable: {final}")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=parent))
+    except PermissionError:
+        raise PermissionError(f"output directory is not writable: {parent}") from None
+    try:
+        yield tmp
+        if not final.exists():
+            os.replace(tmp, final)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(final, 0o777 & ~umask)  # mkdtemp makes 0700 folders; give what mkdir would
+            return
+        for entry in sorted(tmp.iterdir()):
+            os.replace(entry, final / entry.name)
+        tmp.rmdir()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
