@@ -53,3 +53,16 @@ def _few_threads():
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     yield
+
+
+@pytest.fixture(scope="session")
+def small_export(tmp_path_factory: pytest.TempPathFactory):
+    """A conditioned random official res_18 exported at 128x128 through the front door (verified):
+    (checkpoint path, ExportRun). Shared by the front-door and centernet-detect tests."""
+    from test_export_models import save_checkpoint
+
+    from centernet_edge import export
+
+    root = tmp_path_factory.mktemp("small_export")
+    checkpoint = save_checkpoint("res_18", root / "ctdet_res18.pth")
+    return checkpoint, export(checkpoint, root / "small.onnx", input_size=128, threads=1)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PIPELINE_FOLDERS = ("export", "quantize", "runtime", "calib_data", "eval")
+PIPELINE_FOLDERS = ("export", "quantize", "runtime", "calib_data", "eval", "detect")
 
 
 def test_installed_package_maps_the_pipeline_folders():
@@ -19,6 +19,19 @@ def test_installed_package_maps_the_pipeline_folders():
     for folder in PIPELINE_FOLDERS:
         module = importlib.import_module(f"centernet_edge.{folder}")
         assert Path(module.__file__).resolve().parent == REPO / folder
+    # The front door is a real package (its own folder), not a namespace stitched from the others.
+    front = importlib.import_module("centernet_edge")
+    assert Path(front.__file__).resolve() == REPO / "centernet_edge" / "__init__.py"
+
+
+def test_front_door_and_subpackages_import_outside_the_repo(tmp_path):
+    probe = ("import centernet_edge, centernet_edge.export.onnx_export as m; from centernet_edge import Detector; "
+             "print(centernet_edge.__file__, m.__file__, Detector.__module__)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
+    front, module, detector = out.stdout.split()
+    assert Path(front).resolve() == REPO / "centernet_edge" / "__init__.py"
+    assert Path(module).resolve() == REPO / "export" / "onnx_export.py"
+    assert detector == "centernet_edge.detect.detector"
 
 
 def test_no_generic_top_level_module_outside_the_repo(tmp_path):
@@ -44,12 +57,18 @@ def test_built_wheel_contains_only_the_namespaced_package(tmp_path):
     for folder in PIPELINE_FOLDERS:
         assert f"centernet_edge/{folder}/__init__.py" in names
     assert "centernet_edge/eval/model_descriptions/mb3_centernet_coco.json" in names
+    assert {"centernet_edge/__init__.py", "centernet_edge/api.py", "centernet_edge/detect/cli.py"} <= set(names)
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert "centernet-detect = centernet_edge.detect.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
     assert not any(n.startswith("centernet_edge/tests") for n in names)
     # The wheel imports on its own, from a directory that is not the repository.
     target = tmp_path / "site"
     with zipfile.ZipFile(wheel) as zf:
         zf.extractall(target)
-    probe = "import centernet_edge.runtime.spec as s, centernet_edge.export as e; print(s.__file__)"
+    probe = ("import centernet_edge.runtime.spec as s, centernet_edge.export as e; "
+             "from centernet_edge import Detector, calibrate, evaluate, export; "
+             "assert export is e and callable(e) and Detector.__module__.startswith('centernet_edge.'); "
+             "print(s.__file__)")
     out = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(target)!r}); {probe}"],
                          cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
