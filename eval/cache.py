@@ -11,18 +11,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from centernet_edge.runtime.atomic import atomic_path, atomic_write_text
 from centernet_edge.runtime.detections import Detections
-from centernet_edge.runtime.hashing import file_sha256
 from centernet_edge.runtime.runners import StageTimes
 
-__all__ = ["CACHE_VERSION", "CachedRun", "ResultCache", "cache_key", "default_cache_dir", "file_sha256"]
+__all__ = ["CACHE_VERSION", "CachedRun", "ResultCache", "cache_key", "default_cache_dir"]
 
 CACHE_VERSION = 1
 
@@ -51,17 +50,6 @@ class CachedRun:
     detections: dict[int, Detections]
     timings: list[StageTimes]
     meta: dict[str, Any]
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class ResultCache:
@@ -110,10 +98,6 @@ class ResultCache:
                                   dtype=np.float64).reshape(-1, 4),
         }
 
-        def write_arrays(tmp: str) -> None:
-            with open(tmp, "wb") as handle:
-                np.savez(handle, **arrays)
-
-        _atomic_write(arrays_path, write_arrays)
-        meta = json.dumps(run.meta, indent=2, default=str)
-        _atomic_write(meta_path, lambda tmp: Path(tmp).write_text(meta))
+        with atomic_path(arrays_path) as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+        atomic_write_text(meta_path, json.dumps(run.meta, indent=2, default=str))

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from centernet_edge.runtime.atomic import atomic_write_text
-from centernet_edge.runtime.runners import RunnerError, RunnerOptions, available_backends
+from centernet_edge.runtime.runners import RunnerError, RunnerOptions
 from centernet_edge.runtime.spec import SpecError
 
+from .backends import BACKENDS
 from .cache import ResultCache, default_cache_dir
 from .coco_eval import to_coco_results
 from .dataset import DatasetError, load_coco_dataset, model_category_ids
@@ -47,9 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "once per model in order ('-' = use the model's own)")
     p.add_argument("--baseline", metavar="MODEL", help="baseline model (default: the first MODEL)")
     p.add_argument("--baseline-spec", metavar="JSON", help="model description of a --baseline not in MODELs")
-    p.add_argument("--backend", action="append", default=[], metavar="NAME",
-                   help=f"backend ({', '.join(available_backends())}); once for all or once per model; "
-                   "default by file extension")
+    p.add_argument("--backend", action="append", default=[], choices=tuple(BACKENDS), metavar="NAME",
+                   help="backend: " + "; ".join(f"{k} = {v}" for k, v in BACKENDS.items())
+                   + ". Once for all or once per model; default by file extension")
     p.add_argument("--limit", type=int, metavar="N", help="evaluate the first N images (by id) only")
     p.add_argument("--providers", metavar="LIST",
                    help="ONNX Runtime providers, comma separated (cpu, cuda, tensorrt or full names); "
@@ -186,11 +187,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _user_error(exc: Exception) -> bool:
     """Errors about the user's files and options: reported in one line, not as a traceback."""
-    known: tuple[type[Exception], ...] = (DatasetError, SpecError, RunnerError, FileNotFoundError)
-    checkpoints = sys.modules.get("centernet_edge.export.checkpoints")  # only loaded when a .pth was given
-    if checkpoints is not None:
-        known += (checkpoints.CheckpointError,)
-    return isinstance(exc, known)
+    return isinstance(exc, (DatasetError, SpecError, RunnerError, FileNotFoundError))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,18 +16,13 @@ from typing import Any
 import numpy as np
 
 from centernet_edge.runtime.detections import Detections
-from centernet_edge.runtime.runners import (
-    Runner,
-    RunnerOptions,
-    StageTimes,
-    backend_for_path,
-    create_runner,
-    runner_info,
-)
+from centernet_edge.runtime.hashing import file_sha256
+from centernet_edge.runtime.runners import Runner, RunnerOptions, StageTimes, runner_info
 from centernet_edge.runtime.spec import ModelSpec, SpecError, load_spec
 
+from . import backends
 from .agreement import AgreementAccumulator, AgreementStats, heatmap_probabilities
-from .cache import CachedRun, ResultCache, cache_key, file_sha256
+from .cache import CachedRun, ResultCache, cache_key
 from .coco_eval import MAX_DETS, CocoMetrics, evaluate_coco, to_coco_results
 from .dataset import CocoDataset, check_model_classes, model_category_ids
 
@@ -100,7 +95,7 @@ def resolve_model(
     path = Path(model_path)
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
-    backend = backend or backend_for_path(path)
+    backend = backend or backends.default_backend(path)
     spec: ModelSpec | None = None
     if description is not None or path.suffix.lower() == ".onnx":
         try:
@@ -110,10 +105,7 @@ def resolve_model(
         except Exception as exc:  # protobuf decode errors and the like: not an ONNX file at all
             raise SpecError(f"cannot read {path.name} as ONNX: {exc}") from exc
     elif backend == "torch":
-        from centernet_edge.export.checkpoints import inspect_checkpoint
-        from centernet_edge.runtime.runners import checkpoint_spec
-
-        spec = checkpoint_spec(inspect_checkpoint(path))
+        spec = backends.spec_for_checkpoint(path)
     return ModelEntry(label, path, spec, backend, file_sha256(path))
 
 
@@ -204,7 +196,7 @@ def evaluate_models(
     from tqdm import tqdm
 
     options = options or RunnerOptions()
-    factory = runner_factory or (lambda e, o: create_runner(e.backend, e.model_path, e.spec, o))
+    factory = runner_factory or (lambda e, o: backends.open_runner(e.backend, e.model_path, e.spec, o))
     cached: CachedRun | None = None
     key = None
     base_entry = entries[baseline]
@@ -254,6 +246,8 @@ def evaluate_models(
             if i != baseline:
                 agreements[run.entry.label].add(image_id, base_dets, run.detections[image_id],
                                                 heat.get(baseline), heat.get(i))
+    for runner in runners.values():
+        runner.close()
 
     note = "" if cached is None else "baseline restored from cache: no heatmap comparison (use --no-cache)"
     for i, run in enumerate(runs):

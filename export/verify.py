@@ -13,18 +13,19 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
+from centernet_edge.export.torch_reference import ReferenceDetector
 from centernet_edge.runtime.detections import Detections
+from centernet_edge.runtime.onnx_session import create_session
 from centernet_edge.runtime.postprocess import finalize
 from centernet_edge.runtime.preprocess import prepare_batch
-from centernet_edge.runtime.reference import ReferenceDetector
 from centernet_edge.runtime.spec import ModelSpec
 
 from .onnx_export import HEAD_NAMES, expose_heads
@@ -200,13 +201,6 @@ def _reference_spec(spec: ModelSpec) -> ModelSpec:
     return ref
 
 
-def _session(data: bytes, threads: int | None) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-
-
 def _graph_input(images: list[np.ndarray], spec: ModelSpec) -> tuple[np.ndarray, list]:
     batch, geoms = prepare_batch(images, spec)
     fixed = spec.graph.batch
@@ -217,7 +211,7 @@ def _graph_input(images: list[np.ndarray], spec: ModelSpec) -> tuple[np.ndarray,
     return batch, geoms
 
 
-def _run(session: ort.InferenceSession, spec: ModelSpec, images: list[np.ndarray]
+def _run(session: Any, spec: ModelSpec, images: list[np.ndarray]
          ) -> tuple[dict[str, np.ndarray], list[Detections]]:
     batch, geoms = _graph_input(images, spec)
     names = [o.name for o in session.get_outputs()]
@@ -238,7 +232,7 @@ def verify_export(
 ) -> VerifyReport:
     """Run ``model`` (the ONNX about to be written) and the PyTorch reference on ``images``; compare."""
     tol = tolerances or Tolerances()
-    session = _session(expose_heads(model), threads)
+    session = create_session(expose_heads(model), threads=threads)
     reference = ReferenceDetector(torch_model.eval(), _reference_spec(spec))
     checks: list[ImageCheck] = []
     failures: list[str] = []

@@ -23,12 +23,13 @@ import onnx
 
 from centernet_edge.runtime.detections import Detections
 from centernet_edge.runtime.geometry import InputGeometry
+from centernet_edge.runtime.onnx_session import create_session
 from centernet_edge.runtime.postprocess import finalize, heatmap_probabilities
 from centernet_edge.runtime.spec import ModelSpec
 
 from .parallel import map_ordered
 
-__all__ = ["HeadError", "HeadProbe", "detection_agreement", "peak_indices", "session_for"]
+__all__ = ["HeadError", "HeadProbe", "detection_agreement", "peak_indices"]
 
 R = TypeVar("R")
 
@@ -47,25 +48,6 @@ class HeadError:
 
     def to_dict(self) -> dict[str, float | int | None]:
         return asdict(self)
-
-
-def session_for(model: onnx.ModelProto | bytes | str, threads: int = 1,
-                providers: Sequence[str] | None = None, mem_pattern: bool = True) -> Any:
-    """An ORT CPU session (fixed thread count so measurements compare) for a proto, bytes or path.
-
-    ``mem_pattern=False`` suits sessions run off the main thread (see :mod:`parallel`): there ONNX
-    Runtime's planned block was measured to be freshly mapped on every run (~30 MB of page faults, tens
-    of ms of system time for mb3). It only decides where intermediate tensors live, not what is
-    computed."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = int(threads)
-    options.inter_op_num_threads = 1
-    options.enable_mem_pattern = mem_pattern
-    options.log_severity_level = 3
-    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    return ort.InferenceSession(data, options, providers=list(providers or ["CPUExecutionProvider"]))
 
 
 def _local_max_mask(heat: np.ndarray, kernel: int) -> np.ndarray:
@@ -210,7 +192,7 @@ class HeadProbe:
         data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
 
         def task(group: int) -> list[R]:
-            session = session_for(data, self.threads, mem_pattern=False)
+            session = create_session(data, threads=self.threads, mem_pattern=False)
             indices = range(group * count // groups, (group + 1) * count // groups)
             return [fn(index, self._batch_refs(session, names, index)) for index in indices]
 

@@ -37,6 +37,7 @@ from centernet_edge.calib_data.images import ReadReport
 from centernet_edge.calib_data.provenance import file_sha256, text_sha256
 from centernet_edge.calib_data.sources import CalibrationSet
 from centernet_edge.runtime.atomic import atomic_path
+from centernet_edge.runtime.onnx_session import create_session
 from centernet_edge.runtime.spec import ModelSpec
 
 from .parallel import consume, default_workers
@@ -213,20 +214,8 @@ def histogram_model(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.Mode
 
 
 def _session(model: onnx.ModelProto | bytes, threads: int | None, providers: Sequence[str] | None) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3  # pruning leaves nothing unused, but ORT still chats about initializers
-    # Runs happen on worker threads, where ONNX Runtime's planned memory block was measured to be mapped
-    # afresh on every run (page faults costing as much as a third of the run); the plan only decides
-    # where intermediate tensors live, not what is computed.
-    opts.enable_mem_pattern = False
-    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    return ort.InferenceSession(data, opts,
-                                providers=list(providers or ["CPUExecutionProvider"]))
+    # Runs happen on worker threads: see create_session on mem_pattern.
+    return create_session(model, threads=threads, providers=providers, mem_pattern=False)
 
 
 def _progress(iterable: Iterable[Any], total: int | None, desc: str, enabled: bool) -> Iterable[Any]:

@@ -39,13 +39,14 @@ from centernet_edge.eval.evaluate import evaluate_models, resolve_model
 from centernet_edge.quantize.artifacts import derived_spec, save_model
 from centernet_edge.quantize.fp16 import simulate_fp16
 from centernet_edge.quantize.graph import ensure_node_names
-from centernet_edge.quantize.head_error import HeadProbe, session_for
+from centernet_edge.quantize.head_error import HeadProbe
 from centernet_edge.quantize.ort_cpu_int8 import CpuInt8Config, build_ort_cpu_int8, ort_ranges
 from centernet_edge.quantize.placement import plan_placement
 from centernet_edge.quantize.qdq import build_qdq_model
 from centernet_edge.quantize.stats import collect_calibration_stats
 from centernet_edge.quantize.tensors import calibration_tensors
 from centernet_edge.quantize.thresholds import METHODS, compute_amaxes
+from centernet_edge.runtime.onnx_session import create_session
 from centernet_edge.runtime.preprocess import prepare_batch
 from centernet_edge.runtime.runners import RunnerOptions
 from centernet_edge.runtime.spec import ModelSpec, load_spec
@@ -258,7 +259,7 @@ def evaluate(entries: list[tuple[str, Path, Path | None]], coco: Path, threads: 
 def latency(models: dict[str, Path], feed: np.ndarray, input_name: str, threads: int, rounds: int) -> dict:
     """Median and min ms per model, and the speed-up over the first model as the median of per-round
     ratios (each round runs every model once, so a slow spell of the machine cancels out)."""
-    sessions = {label: session_for(str(path), threads) for label, path in models.items()}
+    sessions = {label: create_session(path, threads=threads) for label, path in models.items()}
     for s in sessions.values():
         for _ in range(3):
             s.run(None, {input_name: feed})

@@ -11,7 +11,7 @@ import pytest
 from eval_synthetic import (
     FAKE_BACKEND,
     GAPPY_IDS,
-    register_fake_backend,
+    install_fake_backend,
     write_dataset,
     write_fake_model,
     write_spec,
@@ -22,8 +22,8 @@ from centernet_edge.eval.report import MISMATCH_MARK, format_delta, format_pct
 
 
 @pytest.fixture()
-def setup(tmp_path: Path) -> dict:
-    register_fake_backend()
+def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    install_fake_backend(monkeypatch)
     ann, images, data = write_dataset(tmp_path / "data")
     return {
         "tmp": tmp_path, "ann": ann, "images": images,

@@ -15,11 +15,11 @@ from test_export_models import save_checkpoint
 from centernet_edge.export import cli
 from centernet_edge.export.checkpoints import load_checkpoint
 from centernet_edge.export.onnx_export import expose_heads
+from centernet_edge.export.torch_reference import ReferenceDetector
 from centernet_edge.export.trt_ops import check_trt_compatibility
 from centernet_edge.export.verify import match_detections, synthetic_images
 from centernet_edge.runtime.postprocess import finalize
 from centernet_edge.runtime.preprocess import prepare_batch
-from centernet_edge.runtime.reference import ReferenceDetector
 from centernet_edge.runtime.spec import COCO_CLASS_NAMES, ModelSpec
 
 SMALL = ["--input-size", "128", "--threads", "1", "-q"]
