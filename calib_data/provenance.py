@@ -7,10 +7,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from centernet_edge.runtime.hashing import file_sha256, text_sha256
-
-__all__ = ["dataset_hash", "file_sha256", "relative_name", "text_sha256"]
-
+__all__ = ["dataset_hash", "relative_name"]
 
 
 def dataset_hash(entries: Iterable[tuple[str, int]], seed: int) -> str:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from centernet_edge.export.torch_reference import ReferenceDetector
-from centernet_edge.runtime.detections import Detections
+from centernet_edge.runtime.detections import Detections, box_iou
 from centernet_edge.runtime.onnx_session import create_session
 from centernet_edge.runtime.postprocess import finalize
 from centernet_edge.runtime.preprocess import prepare_batch
@@ -142,16 +142,6 @@ def load_images(directory: str | Path, limit: int | None = None) -> list[tuple[s
 # ---- comparison -----------------------------------------------------------------------------------------
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of one box against many (xyxy)."""
-    ix = np.clip(np.minimum(a[2], b[:, 2]) - np.maximum(a[0], b[:, 0]), 0, None)
-    iy = np.clip(np.minimum(a[3], b[:, 3]) - np.maximum(a[1], b[:, 1]), 0, None)
-    inter = ix * iy
-    area = lambda x: np.clip(x[..., 2] - x[..., 0], 0, None) * np.clip(x[..., 3] - x[..., 1], 0, None)  # noqa: E731
-    union = area(a) + area(b) - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
-
-
 def match_detections(ref: Detections, got: Detections, iou: float = 0.9, box_px: float = 1.0,
                      score_tol: float = 1e-3) -> tuple[float, float, float]:
     """(fraction of reference rows matched, max score error, max box error in px) over matches.
@@ -174,7 +164,7 @@ def match_detections(ref: Detections, got: Detections, iou: float = 0.9, box_px:
             continue
         idx = np.flatnonzero(cand)
         diff = np.abs(got.boxes[idx] - ref.boxes[i]).max(axis=1)
-        ious = _iou(ref.boxes[i], got.boxes[idx])
+        ious = box_iou(ref.boxes[i], got.boxes[idx])[0]
         ok = (ious >= iou) | (diff <= box_px)
         if not ok.any():
             matched += int(ref.scores[i] <= floor)

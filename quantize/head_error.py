@@ -21,7 +21,8 @@ from typing import Any, TypeVar
 import numpy as np
 import onnx
 
-from centernet_edge.runtime.detections import Detections
+from centernet_edge.runtime.decode import local_max_mask
+from centernet_edge.runtime.detections import Detections, box_iou
 from centernet_edge.runtime.geometry import InputGeometry
 from centernet_edge.runtime.onnx_session import create_session
 from centernet_edge.runtime.postprocess import finalize, heatmap_probabilities
@@ -50,24 +51,6 @@ class HeadError:
         return asdict(self)
 
 
-def _local_max_mask(heat: np.ndarray, kernel: int) -> np.ndarray:
-    """heat == maxpool(heat) over a kernel x kernel window (ties survive, as in CenterNet's _nms).
-
-    The window maximum is taken along rows, then along columns, by shifted in-place maxima (cells past
-    the border are simply left out, as -inf padding would leave them): max is exact and separable, so
-    this is the same mask in 4 (kernel // 2) passes instead of kernel**2 over a padded copy."""
-    pad = kernel // 2
-    rows = heat.copy()
-    for d in range(1, pad + 1):
-        np.maximum(rows[:, :, d:], heat[:, :, :-d], out=rows[:, :, d:])
-        np.maximum(rows[:, :, :-d], heat[:, :, d:], out=rows[:, :, :-d])
-    hmax = rows.copy()
-    for d in range(1, pad + 1):
-        np.maximum(hmax[:, d:], rows[:, :-d], out=hmax[:, d:])
-        np.maximum(hmax[:, :-d], rows[:, d:], out=hmax[:, :-d])
-    return heat == hmax
-
-
 def _clear_top_peaks(heat: np.ndarray, mask: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
     """The top-``k`` peaks taken among the local maxima alone, when that is provably what the full
     selection picks: the k-th score strictly above every other entry (other maxima, and the zeros that
@@ -87,7 +70,7 @@ def _clear_top_peaks(heat: np.ndarray, mask: np.ndarray, k: int) -> tuple[np.nda
 
 def peak_indices(heat_chw: np.ndarray, k: int, kernel: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """Flat (class-major) indices and scores of the top-``k`` local maxima of one (C, H, W) heatmap."""
-    mask = _local_max_mask(heat_chw, kernel)
+    mask = local_max_mask(heat_chw, kernel)
     # The local maxima are a few percent of the heatmap; selecting among them alone skips a partition
     # of the whole map when the answer cannot differ.
     clear = _clear_top_peaks(heat_chw, mask, min(k, heat_chw.size))
@@ -117,15 +100,8 @@ def detection_agreement(base: Detections, other: Detections) -> float:
     if len(other) == 0:
         return 0.0
     b, o = _canonical(base.boxes), _canonical(other.boxes)
-    lt = np.maximum(b[:, None, :2], o[None, :, :2])
-    rb = np.minimum(b[:, None, 2:], o[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
-    area_b = (b[:, 2:] - b[:, :2]).prod(-1)
-    area_o = (o[:, 2:] - o[:, :2]).prod(-1)
-    union = area_b[:, None] + area_o[None, :] - inter
     # Degenerate (zero-area) boxes match only themselves; they occur with untrained or clipped heads.
-    same = np.all(b[:, None, :] == o[None, :, :], axis=-1)
-    iou = np.where(union > 0, inter / np.where(union > 0, union, 1.0), same.astype(np.float64))
+    iou = box_iou(b, o, identical_degenerate=True)
     sb, so = base.scores.astype(np.float64)[:, None], other.scores.astype(np.float64)[None, :]
     hi = np.maximum(sb, so)
     ratio = np.where(hi > 0, np.minimum(sb, so) / np.where(hi > 0, hi, 1.0), 1.0)

@@ -20,15 +20,15 @@ import onnx
 
 from centernet_edge.calib_data.batches import effective_batch_size
 from centernet_edge.calib_data.images import read_bgr
-from centernet_edge.calib_data.provenance import file_sha256
 from centernet_edge.calib_data.sources import CalibrationSet, load_calibration_set
 from centernet_edge.runtime.atomic import atomic_write_text
+from centernet_edge.runtime.hashing import file_sha256
+from centernet_edge.runtime.onnx_graph import ensure_node_names
 from centernet_edge.runtime.preprocess import prepare_batch
 from centernet_edge.runtime.spec import ModelSpec, load_spec
 
 from .artifacts import derived_spec, save_model
 from .fp16 import convert_fp16
-from .graph import ensure_node_names
 from .head_error import HeadProbe
 from .mixed import DEFAULT_BUDGET, MixedResult, search_mixed_precision, write_precision
 from .ort_cpu_int8 import CpuInt8Config, build_ort_cpu_int8_with_report, ort_ranges

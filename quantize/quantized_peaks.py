@@ -27,9 +27,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from centernet_edge.runtime.onnx_graph import constant_array, initializers, producers, remove_dead_nodes, unique_name
 from centernet_edge.runtime.onnx_session import create_session
-
-from .graph import constant_array, initializers, producers, remove_dead_nodes, unique_name
 
 __all__ = ["DEFAULT_SCORE_FLOOR", "mask_peaks_on_quantized_logits", "pool_quantized_logits"]
 

@@ -38,7 +38,6 @@ from centernet_edge.eval.dataset import load_coco_dataset
 from centernet_edge.eval.evaluate import evaluate_models, resolve_model
 from centernet_edge.quantize.artifacts import derived_spec, save_model
 from centernet_edge.quantize.fp16 import simulate_fp16
-from centernet_edge.quantize.graph import ensure_node_names
 from centernet_edge.quantize.head_error import HeadProbe
 from centernet_edge.quantize.ort_cpu_int8 import CpuInt8Config, build_ort_cpu_int8, ort_ranges
 from centernet_edge.quantize.placement import plan_placement
@@ -46,6 +45,7 @@ from centernet_edge.quantize.qdq import build_qdq_model
 from centernet_edge.quantize.stats import collect_calibration_stats
 from centernet_edge.quantize.tensors import calibration_tensors
 from centernet_edge.quantize.thresholds import METHODS, compute_amaxes
+from centernet_edge.runtime.onnx_graph import ensure_node_names
 from centernet_edge.runtime.onnx_session import create_session
 from centernet_edge.runtime.preprocess import prepare_batch
 from centernet_edge.runtime.runners import RunnerOptions

@@ -8,9 +8,9 @@ import onnx
 import pytest
 from quant_synthetic import FRAGILE, synthetic_spec, write_images, write_model
 
-from centernet_edge.calib_data.provenance import file_sha256
 from centernet_edge.quantize.cli import main
 from centernet_edge.quantize.trt_cache import read_cache
+from centernet_edge.runtime.hashing import file_sha256
 from centernet_edge.runtime.runners import OnnxRuntimeRunner
 from centernet_edge.runtime.spec import ModelSpec
 

@@ -7,12 +7,11 @@ import pytest
 
 from centernet_edge.eval.agreement import (
     AgreementAccumulator,
-    box_iou,
     heatmap_probabilities,
     match_detections,
 )
 from centernet_edge.eval.cache import CachedRun, ResultCache, cache_key
-from centernet_edge.runtime.detections import Detections
+from centernet_edge.runtime.detections import Detections, box_iou
 from centernet_edge.runtime.runners import StageTimes
 from centernet_edge.runtime.spec import GraphIO, ModelSpec, Preprocess, TensorInfo, source_decode
 
