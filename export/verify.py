@@ -26,6 +26,7 @@ from centernet_edge.runtime.detections import Detections, box_iou
 from centernet_edge.runtime.onnx_session import create_session
 from centernet_edge.runtime.postprocess import finalize
 from centernet_edge.runtime.preprocess import prepare_batch
+from centernet_edge.runtime.runners import run_by_role
 from centernet_edge.runtime.spec import ModelSpec
 
 from .onnx_export import HEAD_NAMES, expose_heads
@@ -191,24 +192,10 @@ def _reference_spec(spec: ModelSpec) -> ModelSpec:
     return ref
 
 
-def _graph_input(images: list[np.ndarray], spec: ModelSpec) -> tuple[np.ndarray, list]:
-    batch, geoms = prepare_batch(images, spec)
-    fixed = spec.graph.batch
-    if fixed is not None and len(batch) != fixed:
-        # A fixed-batch graph: fill the batch by repeating the images; extra results are ignored.
-        reps = -(-fixed // len(batch))
-        batch = np.concatenate([batch] * reps)[:fixed]
-    return batch, geoms
-
-
 def _run(session: Any, spec: ModelSpec, images: list[np.ndarray]
          ) -> tuple[dict[str, np.ndarray], list[Detections]]:
-    batch, geoms = _graph_input(images, spec)
-    names = [o.name for o in session.get_outputs()]
-    values = session.run(None, {session.get_inputs()[0].name: batch})
-    outputs = {n: v[: len(images)] for n, v in zip(names, values, strict=True)}
-    roles = {info.name: role for role, info in spec.graph.outputs.items()}
-    by_role = {roles.get(n, n): v for n, v in outputs.items()}
+    batch, geoms = prepare_batch(images, spec)
+    by_role = run_by_role(session, spec, batch)
     return by_role, finalize(by_role, spec, geoms)
 
 

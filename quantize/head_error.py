@@ -26,6 +26,7 @@ from centernet_edge.runtime.detections import Detections, box_iou
 from centernet_edge.runtime.geometry import InputGeometry
 from centernet_edge.runtime.onnx_session import create_session
 from centernet_edge.runtime.postprocess import finalize, heatmap_probabilities
+from centernet_edge.runtime.runners import run_by_role
 from centernet_edge.runtime.spec import ModelSpec
 
 from .parallel import map_ordered
@@ -133,7 +134,7 @@ class HeadProbe:
         self.batches = list(batches)
         self.threads = threads
         self.workers = workers  # batches run at once (see parallel); the numbers do not depend on it
-        self.roles = dict(spec.graph.outputs.items())
+        self.fetch = {role: info.name for role, info in spec.graph.outputs.items()}
         self._reference: list[_ImageRef] | None = None
         self._offsets = np.cumsum([0] + [len(g) for _, g in self.batches[:-1]]).tolist()
 
@@ -141,10 +142,9 @@ class HeadProbe:
     def images(self) -> int:
         return sum(len(g) for _, g in self.batches)
 
-    def _batch_refs(self, session: Any, names: list[str], index: int) -> list[_ImageRef]:
+    def _batch_refs(self, session: Any, index: int) -> list[_ImageRef]:
         x, geoms = self.batches[index]
-        values = session.run(names, {self.spec.graph.input.name: x})
-        by_role = {role: v[: len(geoms)] for role, v in zip(self.roles, values, strict=True)}
+        by_role = run_by_role(session, self.spec, x, self.fetch)
         dets = finalize(by_role, self.spec, geoms)
         if "heatmap" not in by_role:
             return [_ImageRef(det, None, None, None) for det in dets]
@@ -164,13 +164,12 @@ class HeadProbe:
         to numbers there and never pile up."""
         count = len(self.batches)
         groups = max(1, min(workers or self.workers, count))
-        names = [info.name for info in self.roles.values()]
         data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
 
         def task(group: int) -> list[R]:
             session = create_session(data, threads=self.threads, mem_pattern=False)
             indices = range(group * count // groups, (group + 1) * count // groups)
-            return [fn(index, self._batch_refs(session, names, index)) for index in indices]
+            return [fn(index, self._batch_refs(session, index)) for index in indices]
 
         return [r for part in map_ordered(task, range(groups), groups) for r in part]
 

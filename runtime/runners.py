@@ -39,7 +39,9 @@ __all__ = [
     "RunnerOptions",
     "StageTimes",
     "fill_fixed_batch",
+    "run_by_role",
     "runner_info",
+    "session_roles",
 ]
 
 
@@ -161,6 +163,27 @@ def fill_fixed_batch(batch: np.ndarray, size: int | None) -> np.ndarray:
     return np.concatenate([batch, np.repeat(batch[-1:], size - len(batch), axis=0)])
 
 
+def session_roles(session: Any, spec: ModelSpec) -> dict[str, str]:
+    """role -> output name for every output of an ONNX Runtime session: the spec's roles, and any other
+    output (heads exposed for verification) under its own name."""
+    role_of = {info.name: role for role, info in spec.graph.outputs.items()}
+    return {role_of.get(o.name, o.name): o.name for o in session.get_outputs()}
+
+
+def run_by_role(session: Any, spec: ModelSpec, inputs: np.ndarray,
+                fetch: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+    """The one graph-outputs path: run a session on a prepared batch and key what it returns by role.
+
+    ``fetch`` (role -> output name) defaults to :func:`session_roles`. A fixed-batch graph gets a filled
+    batch (:func:`fill_fixed_batch`) and the filler rows are cut off again. Every caller then hands the
+    result to :func:`centernet_edge.runtime.postprocess.finalize` for detections.
+    """
+    fetch = fetch if fetch is not None else session_roles(session, spec)
+    feed = fill_fixed_batch(inputs, spec.graph.batch)
+    values = session.run(list(fetch.values()), {spec.graph.input.name: feed})
+    return {role: value[: len(inputs)] for role, value in zip(fetch, values, strict=True)}
+
+
 # ---- ONNX Runtime ---------------------------------------------------------------------------------
 
 
@@ -241,12 +264,12 @@ class OnnxRuntimeRunner(RunnerBase):
         """The graph's outputs by role for a prepared input batch (a fixed-batch graph's filler rows are
         cut off again)."""
         self._check_open()
-        feed = fill_fixed_batch(inputs, self.spec.graph.batch)
         try:
-            values = self.session.run(list(self._fetch.values()), {self._input_name: feed})
+            return run_by_role(self.session, self.spec, inputs, self._fetch)
+        except RunnerError:
+            raise
         except Exception as exc:  # ORT's own exception types are not importable in a stable way
-            raise RunnerError(self._feed_error(feed, exc)) from exc
-        return {role: value[: len(inputs)] for role, value in zip(self._fetch, values, strict=True)}
+            raise RunnerError(self._feed_error(inputs, exc)) from exc
 
     def run(self, images: Sequence[np.ndarray]) -> list[Detections]:
         from .postprocess import finalize
