@@ -77,7 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true", help="write the fp16 model (default: int8 and fp16)")
     p.add_argument("--method", choices=METHOD_CHOICES, default="auto",
                    help="activation range method; 'auto' (default) picks the one whose all-int8 model drifts "
-                        "least from fp32 on calibration images")
+                        "least from fp32 on calibration images; 'downstream' picks per tensor the range whose "
+                        "int8 rounding changes the reading layer's output least")
+    p.add_argument("--range-images", type=_positive, default=4,
+                   help="calibration images replayed by --method downstream (default: %(default)s)")
+    p.add_argument("--layer-report-images", type=int, default=2,
+                   help="images for layer_error.json/.md, the per-layer int8-vs-fp32 comparison; 0 skips it "
+                        "(default: %(default)s)")
     p.add_argument("--percentile", type=float, default=99.99,
                    help="percentile for --method percentile (default: %(default)s)")
     p.add_argument("--budget", type=_budget, default=DEFAULT_BUDGET,
@@ -121,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         budget=args.budget, max_float=args.max_float, sensitivity_images=args.sensitivity_images,
         cpu_float=args.cpu_float, cpu_format=args.cpu_format, cpu_float_heads=args.cpu_float_heads,
         trt_version=args.trt_version, force=args.force, threads=args.threads, workers=args.workers,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, range_images=args.range_images,
+        layer_report_images=args.layer_report_images,
         stats_cache=args.stats_cache, progress=not args.quiet,
     )
     try:

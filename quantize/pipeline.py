@@ -30,11 +30,13 @@ from centernet_edge.runtime.spec import ModelSpec, load_spec
 from .artifacts import derived_spec, save_model
 from .fp16 import convert_fp16
 from .head_error import HeadProbe
+from .layer_error import compare_tensors, write_layer_errors
 from .mixed import DEFAULT_BUDGET, MixedResult, search_mixed_precision, write_precision
 from .ort_cpu_int8 import CpuInt8Config, build_ort_cpu_int8_with_report, ort_ranges
 from .parallel import default_workers
 from .placement import Placement, plan_placement
 from .qdq import build_qdq_model
+from .range_search import search_ranges
 from .sensitivity import layer_sensitivity, write_sensitivity
 from .stats import CalibrationStats, collect_calibration_stats
 from .tensors import calibration_tensors
@@ -64,8 +66,18 @@ ARTIFACTS = {
     "precision": "precision.json",
     "summary": "summary.json",
     "timings": "timings.json",
+    "layer_error_json": "layer_error.json",
+    "layer_error_md": "layer_error.md",
 }
-METHOD_CHOICES = (*METHODS, "auto")
+# "downstream": per tensor, the histogram candidate whose int8 round trip changes the reading layer's
+# output least (quantize/range_search.py).
+DOWNSTREAM = "downstream"
+METHOD_CHOICES = (*METHODS, DOWNSTREAM, "auto")
+# Candidate ranges the downstream search chooses from, per tensor.
+DOWNSTREAM_CANDIDATES: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("percentile", {"percentile": 99.99}), ("percentile_99.9", {"percentile": 99.9}),
+    ("percentile_99.999", {"percentile": 99.999}), ("mse", {}), ("entropy", {}), ("minmax", {}),
+)
 
 
 @dataclass
@@ -93,6 +105,8 @@ class CalibrateOptions:
     workers: int | None = None  # ONNX Runtime runs at once (default: cores / threads); results do not depend on it
     batch_size: int | None = None
     stats_cache: Path | None = None  # keep/reuse the activation statistics (.npz) here
+    range_images: int = 4  # calibration images replayed by --method downstream
+    layer_report_images: int = 2  # images of the per-layer int8-vs-fp32 comparison; 0 = no layer_error.*
     progress: bool = True
 
 
@@ -126,6 +140,22 @@ def _method_options(options: CalibrateOptions, method: str) -> dict[str, Any]:
 
 def _amaxes(stats: CalibrationStats, method: str, options: CalibrateOptions) -> dict[str, float]:
     return compute_amaxes(stats.tensors, method, **_method_options(options, method))
+
+
+def _downstream_amaxes(model: onnx.ModelProto, spec: ModelSpec, placement: Placement, stats: CalibrationStats,
+                       calib: CalibrationSet, options: CalibrateOptions) -> dict[str, float]:
+    """Histogram ranges for every calibrated tensor (percentile), replaced for the quantized layers'
+    inputs by the candidate their readers prefer (see range_search)."""
+    candidates = {label: compute_amaxes(stats.tensors, label.split("_")[0], **opts)
+                  for label, opts in DOWNSTREAM_CANDIDATES}
+    batches = (x for x, _ in _probe_batches(calib, spec, options.range_images))
+    choice = search_ranges(model, placement.layers, candidates, batches, spec.graph.input.name,
+                           threads=options.threads)
+    counts: dict[str, int] = {}
+    for label in choice.chosen.values():
+        counts[label] = counts.get(label, 0) + 1
+    _say(options, "downstream ranges chosen: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    return {**candidates["percentile"], **choice.amax}
 
 
 def _probe_batches(calib: CalibrationSet, spec: ModelSpec, count: int
@@ -211,7 +241,10 @@ def calibrate(options: CalibrateOptions) -> CalibrateResult:
             probe = _make_probe(model, spec, calib, options)
             method, method_errors = _choose_method(model, placement, stats, probe, options)
             _say(options, f"auto method: {method}")
-        amax = _amaxes(stats, method, options)
+        if method == DOWNSTREAM:
+            amax = _downstream_amaxes(model, spec, placement, stats, calib, options)
+        else:
+            amax = _amaxes(stats, method, options)
     # Rewritten even when reused: equal ranges give equal bytes, and --trt-version may have changed.
     write_cache(paths["cache"], amax, method=method, trt_version=trt_version)
     clock.lap("statistics_and_ranges")
@@ -226,7 +259,8 @@ def calibrate(options: CalibrateOptions) -> CalibrateResult:
                                           provenance, foreign, method, clock)
         result.mixed = mixed
         result.cpu_int8 = cpu_info
-        for key in ("qdq", "cpu", "sensitivity_json", "sensitivity_md", "precision"):
+        for key in ("qdq", "cpu", "sensitivity_json", "sensitivity_md", "precision", "layer_error_json",
+                    "layer_error_md"):
             if paths[key].exists():
                 result.artifacts[key] = paths[key]
     if options.fp16:
@@ -312,10 +346,26 @@ def _int8_artifacts(model: onnx.ModelProto, spec: ModelSpec, placement: Placemen
     qdq = build_qdq_model(model, placement.select(mixed.float_layers), amax)
     save_model(qdq, paths["qdq"], derived_spec(spec, precision, {**extra, "int8_format": "qdq-tensorrt"}),
                sidecar=foreign)
+    if options.layer_report_images > 0:
+        _layer_report(model, spec, placement, amax, probe, options, paths, method)
     cpu_info = _cpu_artifact(model, spec, placement, amax, observed, probe, options, paths, provenance,
                              foreign, mixed.float_layers if options.cpu_float == "mixed" else [])
     clock.lap("int8_artifacts")
     return mixed, cpu_info
+
+
+def _layer_report(model: onnx.ModelProto, spec: ModelSpec, placement: Placement, amax: dict[str, float],
+                  probe: HeadProbe, options: CalibrateOptions, paths: dict[str, Path], method: str) -> None:
+    """layer_error.json/.md: every network tensor of the all-int8 Q/DQ model against fp32 (where int8
+    hurts, whatever mixed precision later keeps float)."""
+    count = max(1, options.layer_report_images // max(1, len(probe.batches[0][1])))
+    batches = [x for x, _ in probe.batches[:count]]
+    _say(options, f"per-layer int8-vs-fp32 comparison on {sum(len(g) for _, g in probe.batches[:count])} image(s)")
+    rows = compare_tensors(model, build_qdq_model(model, placement.layers, amax), batches,
+                           spec.graph.input.name, threads=options.threads)
+    meta = {"compared": "all eligible layers int8 (Q/DQ) vs fp32", "method": method,
+            "images": sum(len(g) for _, g in probe.batches[:count])}
+    write_layer_errors(rows, paths["layer_error_json"], paths["layer_error_md"], meta)
 
 
 def _cpu_artifact(model: onnx.ModelProto, spec: ModelSpec, placement: Placement, amax: dict[str, float],

@@ -55,7 +55,8 @@ ALGORITHMS = ("EntropyCalibration2", "EntropyCalibration", "MinMaxCalibration", 
 # TensorRT has no percentile/MSE calibrator; their ranges are used as-is under the entropy-v2 header,
 # which is what trtexec --calib and Polygraphy's default calibrator expect.
 METHOD_ALGORITHM = {"entropy": "EntropyCalibration2", "minmax": "MinMaxCalibration",
-                    "percentile": "EntropyCalibration2", "mse": "EntropyCalibration2"}
+                    "percentile": "EntropyCalibration2", "mse": "EntropyCalibration2",
+                    "downstream": "EntropyCalibration2"}
 SUMMARY_FORMAT = 1
 _INT8_MAX = 127.0
 _HEADER = re.compile(r"^TRT-(\d+)-([A-Za-z0-9]+)$")

@@ -40,8 +40,10 @@ from centernet_edge.quantize.artifacts import derived_spec, save_model
 from centernet_edge.quantize.fp16 import simulate_fp16
 from centernet_edge.quantize.head_error import HeadProbe
 from centernet_edge.quantize.ort_cpu_int8 import CpuInt8Config, build_ort_cpu_int8, ort_ranges
+from centernet_edge.quantize.pipeline import DOWNSTREAM_CANDIDATES
 from centernet_edge.quantize.placement import plan_placement
 from centernet_edge.quantize.qdq import build_qdq_model
+from centernet_edge.quantize.range_search import search_ranges
 from centernet_edge.quantize.stats import collect_calibration_stats
 from centernet_edge.quantize.tensors import calibration_tensors
 from centernet_edge.quantize.thresholds import METHODS, compute_amaxes
@@ -203,6 +205,23 @@ def build_variants(
             "int8",
             method=m,
         )
+    # --method downstream: per-tensor range chosen by the reading layer's output error (4 images)
+    import cv2
+
+    start = time.perf_counter()
+    labelled = {label: compute_amaxes(stats.tensors, label.split("_")[0], **opts)
+                for label, opts in DOWNSTREAM_CANDIDATES}
+    feeds = [prepare_batch([cv2.imread(str(p))], spec)[0] for p in list(calib.paths)[:4]]
+    choice = search_ranges(model, placement.layers, labelled, iter(feeds), spec.graph.input.name, threads=threads)
+    amaxes["downstream"] = {**labelled["percentile"], **choice.amax}
+    out["downstream_search_s"] = round(time.perf_counter() - start, 1)
+    paths["int8 Q/DQ, all layers, downstream"] = _save(
+        build_qdq_model(model, placement.layers, amaxes["downstream"]), models / "qdq_all_downstream.onnx",
+        spec, "int8", method="downstream")
+    paths["CPU int8 (default config), downstream ranges"] = _save(
+        build_ort_cpu_int8(model, ort_ranges(amaxes["downstream"], observed), config=CpuInt8Config(),
+                           regions=placement.regions),
+        models / "cpu_downstream.onnx", spec, "int8")
     amax = amaxes[method]
     ranges = ort_ranges(amax, observed)
     for k in curve:
@@ -219,8 +238,6 @@ def build_variants(
         paths[label] = _save(cpu, models / f"cpu_variant{i}.onnx", spec, "int8-mixed" if k else "int8")
     # label-free head error of every curve point on the probe images the search used
     probe_paths = list(calib.paths)[:32]
-    import cv2
-
     probe = HeadProbe(spec, [prepare_batch([cv2.imread(str(p))], spec) for p in probe_paths], threads=threads)
     probe.set_reference(model)
     out["head_error"] = {
@@ -385,7 +402,8 @@ def report(results: dict[str, Any], args: argparse.Namespace, curve: list[int]) 
     out += [
         "",
         f"## Accuracy (dev103, fp32 AP {fp32_ap}); selected method: {var['method']}, "
-        f"{len(var['float_layers'])}/{var['layers']} layers kept float",
+        f"{len(var['float_layers'])}/{var['layers']} layers kept float; downstream range search "
+        f"{var.get('downstream_search_s')} s",
         "",
     ]
     he = var.get("head_error", {})

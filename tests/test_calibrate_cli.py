@@ -61,6 +61,8 @@ def test_writes_every_artifact(calibrated, inputs):
         "sensitivity.json",
         "sensitivity.md",
         "precision.json",
+        "layer_error.json",
+        "layer_error.md",
     } <= names
     assert not [n for n in names if n.endswith(".tmp")]
     cache = read_cache(calibrated / "calibration.cache")
@@ -126,6 +128,28 @@ def test_sensitivity_and_precision_reports(calibrated):
     node = next(n for n in qdq.graph.node if n.name == FRAGILE)
     producer = {o: n for n in qdq.graph.node for o in n.output}
     assert producer[node.input[0]].op_type != "DequantizeLinear"
+
+
+def test_layer_error_report_points_at_the_fragile_conv(calibrated):
+    doc = json.loads((calibrated / "layer_error.json").read_text())
+    rows = [r for r in doc["tensors"] if r["growth"] is not None]
+    assert max(rows, key=lambda r: r["growth"])["producer"] == FRAGILE
+    assert doc["meta"]["images"] == 2 and "squeeze-excite scaled" in doc["kinds"]
+
+
+def test_downstream_ranges_are_recorded_and_deterministic(inputs, tmp_path):
+    _, model, images = inputs
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert _run(model, images, out, "--method", "downstream", "--int8", "--budget", "none",
+                    "--range-images", "2", "--layer-report-images", "0") == 0
+        runs.append(out)
+    summary = json.loads((runs[0] / "summary.json").read_text())
+    assert summary["selected_method"] == "downstream" and summary["amax"]
+    assert not (runs[0] / "layer_error.json").exists()
+    for name in ("calibration.cache", "summary.json", "model_int8_qdq.onnx"):
+        assert (runs[0] / name).read_bytes() == (runs[1] / name).read_bytes(), name
 
 
 @pytest.mark.parametrize("workers", ["1", "3"])
