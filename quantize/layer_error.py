@@ -28,11 +28,17 @@ import numpy as np
 import onnx
 
 from centernet_edge.runtime.atomic import atomic_write_text
+from centernet_edge.runtime.onnx_graph import (
+    FLOAT_TYPES,
+    consumers,
+    initializers,
+    producers,
+    prune_to_outputs,
+    tensor_types,
+)
+from centernet_edge.runtime.onnx_session import create_session
 
-from .graph import FLOAT_TYPES, consumers, initializers, producers, tensor_types
-from .head_error import session_for
 from .placement import GraphRegions, graph_regions
-from .stats import prune_to_outputs
 
 __all__ = ["TensorError", "compare_tensors", "layer_error_markdown", "network_tensors", "tensor_kinds",
            "write_layer_errors"]
@@ -198,8 +204,8 @@ def compare_tensors(
     names = [n for n in names if n in cand_known]
     if not names:
         raise ValueError("no tensor to compare: the candidate renamed every network tensor")
-    ref_session = session_for(prune_to_outputs(reference, names), threads)
-    cand_session = session_for(prune_to_outputs(candidate, names), threads)
+    ref_session = create_session(prune_to_outputs(reference, names), threads=threads)
+    cand_session = create_session(prune_to_outputs(candidate, names), threads=threads)
     sums = {n: _Sums() for n in names}
     for batch in batches:
         ref_values = ref_session.run(names, {input_name: batch})

@@ -25,11 +25,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .graph import initializers
-from .head_error import session_for
+from centernet_edge.runtime.onnx_graph import initializers, prune_to_outputs
+from centernet_edge.runtime.onnx_session import create_session
+
 from .placement import QuantLayer
 from .qdq import quantize_weight_per_channel
-from .stats import prune_to_outputs
 
 __all__ = ["RangeChoice", "conv_attributes", "fake_quant", "replay_conv", "search_ranges"]
 
@@ -133,7 +133,7 @@ def search_ranges(
     missing = sorted(set(readers) - set(tensors))
     if missing:
         raise ValueError(f"no candidate range for {len(missing)} tensor(s), e.g. {missing[:3]}")
-    session = session_for(prune_to_outputs(model, tensors), threads)
+    session = create_session(prune_to_outputs(model, tensors), threads=threads)
     num = {t: np.zeros((len(readers[t]), len(labels))) for t in tensors}
     den = {t: np.zeros(len(readers[t])) for t in tensors}
     for batch in batches:

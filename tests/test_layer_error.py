@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from quant_synthetic import FRAGILE, build_synthetic_model, feeds, synthetic_spec, tensor_values, write_images
 
-from centernet_edge.quantize.graph import ensure_node_names
 from centernet_edge.quantize.layer_error import (
     compare_tensors,
     network_tensors,
@@ -17,6 +16,7 @@ from centernet_edge.quantize.layer_error import (
 )
 from centernet_edge.quantize.placement import plan_placement
 from centernet_edge.quantize.qdq import build_qdq_model
+from centernet_edge.runtime.onnx_graph import ensure_node_names
 
 
 @pytest.fixture(scope="module")

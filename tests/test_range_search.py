@@ -7,10 +7,10 @@ import pytest
 from onnx import numpy_helper
 from quant_synthetic import FRAGILE, build_synthetic_model, feeds, synthetic_spec, tensor_values, write_images
 
-from centernet_edge.quantize.graph import ensure_node_names
 from centernet_edge.quantize.placement import plan_placement
 from centernet_edge.quantize.qdq import quantize_weight_per_channel
 from centernet_edge.quantize.range_search import conv_attributes, fake_quant, replay_conv, search_ranges
+from centernet_edge.runtime.onnx_graph import ensure_node_names
 
 
 @pytest.fixture(scope="module")
