@@ -109,6 +109,10 @@ def resolve_model(
             raise
         except Exception as exc:  # protobuf decode errors and the like: not an ONNX file at all
             raise SpecError(f"cannot read {path.name} as ONNX: {exc}") from exc
+    elif backend == "trt":
+        from centernet_edge.runtime.engine_meta import read_engine_meta
+
+        spec = read_engine_meta(path).spec  # the engine's side-car; the runner re-checks its sha256
     elif backend == "torch":
         from centernet_edge.export.checkpoints import inspect_checkpoint
         from centernet_edge.runtime.runners import checkpoint_spec

@@ -423,5 +423,12 @@ def _torch_factory(path: Path, spec: ModelSpec | None, options: RunnerOptions) -
     )
 
 
+def _trt_factory(path: Path, spec: ModelSpec | None, options: RunnerOptions) -> Runner:
+    from .trt_runner import TensorRTRunner  # imports tensorrt only after probing for a GPU
+
+    return TensorRTRunner(path, spec, device=options.device, keep_raw=options.keep_raw)
+
+
 register_backend("ort", _ort_factory, extensions=(".onnx",))
+register_backend("trt", _trt_factory, extensions=(".engine", ".plan"))
 register_backend("torch", _torch_factory, extensions=(".pth", ".pt", ".ckpt"))
