@@ -61,10 +61,11 @@ def _image(h: int, w: int, bgr: tuple[int, int, int]) -> np.ndarray:
 
 
 def test_registry_and_defaults() -> None:
-    assert {"ort", "torch"} <= set(available_backends())
+    assert {"ort", "torch", "trt"} <= set(available_backends())
     assert backend_for_path("m.onnx") == "ort" and backend_for_path("M.PTH") == "torch"
-    with pytest.raises(RunnerError, match="no default backend for 'm.engine'.*use --backend"):
-        backend_for_path("m.engine")
+    assert backend_for_path("m.engine") == "trt"
+    with pytest.raises(RunnerError, match="no default backend for 'm.tflite'.*use --backend"):
+        backend_for_path("m.tflite")
     with pytest.raises(RunnerError, match="unknown backend 'nope'; available: .*ort"):
         create_runner("nope", "m.onnx")
     with pytest.raises(ValueError, match="already registered"):
