@@ -13,7 +13,7 @@ from pathlib import Path
 from centernet_edge.runtime.runners import OnnxRuntimeRunner, Runner, RunnerError, RunnerOptions
 from centernet_edge.runtime.spec import ModelSpec
 
-__all__ = ["BACKENDS", "default_backend", "open_runner", "spec_for_checkpoint"]
+__all__ = ["BACKENDS", "default_backend", "open_runner", "spec_for_checkpoint", "spec_for_engine"]
 
 BACKENDS: dict[str, str] = {
     "ort": "ONNX Runtime (.onnx; CPU, CUDA when installed)",
@@ -40,6 +40,13 @@ def default_backend(model_path: str | Path) -> str:
 def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise RunnerError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+
+
+def spec_for_engine(path: Path) -> ModelSpec:
+    """The spec an engine's side-car carries (the runner re-checks the engine's sha256 against it)."""
+    from centernet_edge.runtime.engine_meta import read_engine_meta
+
+    return read_engine_meta(path).spec
 
 
 def spec_for_checkpoint(path: Path) -> ModelSpec:
@@ -82,4 +89,4 @@ def open_runner(
         from centernet_edge.runtime.trt_runner import TensorRTRunner
     except ImportError as exc:
         raise RunnerError(f"the trt backend is not available in this installation: {exc}") from exc
-    return TensorRTRunner(path, spec, keep_raw=options.keep_raw, **options.extra)
+    return TensorRTRunner(path, spec, device=options.device, keep_raw=options.keep_raw)

@@ -104,6 +104,8 @@ def resolve_model(
             raise
         except Exception as exc:  # protobuf decode errors and the like: not an ONNX file at all
             raise SpecError(f"cannot read {path.name} as ONNX: {exc}") from exc
+    elif backend == "trt":
+        spec = backends.spec_for_engine(path)
     elif backend == "torch":
         spec = backends.spec_for_checkpoint(path)
     return ModelEntry(label, path, spec, backend, file_sha256(path))
