@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .spec import toolkit_version
 
-__all__ = ["QUIET_HELP", "OutputError", "add_common_flags", "check_output_dir", "check_output_file"]
+__all__ = ["QUIET_HELP", "OneLineParser", "OutputError", "add_common_flags", "check_output_dir", "check_output_file"]
 
 QUIET_HELP = ("no progress bars, step messages or tables: only the line saying what was written (and a "
               "verification verdict), warnings and errors")
@@ -21,6 +21,13 @@ QUIET_HELP = ("no progress bars, step messages or tables: only the line saying w
 
 class OutputError(ValueError):
     """The requested output location cannot be written."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (``prog: error: ...``, exit 2), without the usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def add_common_flags(parser: argparse.ArgumentParser, quiet_help: str = QUIET_HELP) -> None:

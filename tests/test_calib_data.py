@@ -123,6 +123,26 @@ def test_unreadable_files_are_skipped_counted_and_never_raise(tmp_path):
     assert report.as_dict()["skipped"] == 5
 
 
+def test_strict_reads_fail_on_the_first_unreadable_file_and_skips_are_listed_in_one_line(tmp_path):
+    from centernet_edge.calib_data.images import UnreadableImageError
+
+    good = tmp_path / "good.jpg"
+    cv2.imwrite(str(good), _img(0))
+    (tmp_path / "cut.jpg").write_bytes(good.read_bytes()[:200])
+    (tmp_path / "text.jpg").write_text("not an image")
+    report = ReadReport()
+    for name in ("good.jpg", "cut.jpg", "text.jpg"):
+        read_bgr(tmp_path / name, report, name)
+    assert report.skip_line() == ("skipped 2 unreadable image(s): cut.jpg (truncated JPEG (no end-of-image "
+                                  "marker)), text.jpg (not a decodable image)")
+    assert ReadReport().skip_line() == ""
+    strict = ReadReport(strict=True)
+    assert read_bgr(good, strict) is not None
+    with pytest.raises(UnreadableImageError, match=r"cannot read image cut.jpg: truncated JPEG .*\(--strict\)"):
+        read_bgr(tmp_path / "cut.jpg", strict, "cut.jpg")
+    assert strict.read == 1 and strict.skipped == 0
+
+
 # ---- sources --------------------------------------------------------------------------------------
 
 
