@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterable
-from pathlib import Path
 
-__all__ = ["dataset_hash", "relative_name"]
+__all__ = ["dataset_hash"]
 
 
 def dataset_hash(entries: Iterable[tuple[str, int]], seed: int) -> str:
@@ -24,8 +22,3 @@ def dataset_hash(entries: Iterable[tuple[str, int]], seed: int) -> str:
         digest.update(f"{name}\t{int(size)}\n".encode())
     digest.update(f"seed\t{int(seed)}\n".encode())
     return digest.hexdigest()
-
-
-def relative_name(path: Path, root: Path) -> str:
-    """``path`` relative to ``root`` in POSIX form (so hashes agree across operating systems)."""
-    return Path(os.path.relpath(path, root)).as_posix()

@@ -9,9 +9,13 @@ at start-up. A new backend is one more entry in :data:`BACKENDS` and one more br
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from centernet_edge.runtime.runners import OnnxRuntimeRunner, Runner, RunnerError, RunnerOptions
-from centernet_edge.runtime.spec import ModelSpec
+from centernet_edge.runtime.runners import RunnerError
+
+if TYPE_CHECKING:
+    from centernet_edge.runtime.runners import Runner, RunnerOptions
+    from centernet_edge.runtime.spec import ModelSpec
 
 __all__ = ["BACKENDS", "default_backend", "open_runner", "spec_for_checkpoint", "spec_for_engine"]
 
@@ -67,6 +71,8 @@ def open_runner(
 
     Every failure that is about the user's files or options comes out as :class:`RunnerError`.
     """
+    from centernet_edge.runtime.runners import OnnxRuntimeRunner, RunnerOptions
+
     _check_backend(backend)
     options = options or RunnerOptions()
     path = Path(model_path)

@@ -5,8 +5,10 @@
     centernet-export model.pth -o m.onnx --preprocess none --no-decode   # plain network + sigmoid
 
 The file is only written after ONNX Runtime reproduced the PyTorch reference on the verification
-images (``--no-verify`` skips that, ``--keep-unverified`` writes even when it fails). Exit codes: 0 ok,
-1 verification failed, 2 bad arguments or checkpoint, 130 interrupted.
+images (``--no-verify`` skips that, ``--keep-unverified`` writes even when it fails). The output location
+is checked before any work; unreadable files among ``--verify-images`` are skipped and named (``--strict``
+fails instead). Exit codes: 0 ok, 1 verification failed, 2 bad arguments, checkpoint or output, 130
+interrupted (nothing written).
 """
 
 from __future__ import annotations
@@ -15,11 +17,15 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from centernet_edge.runtime.spec import GRAPH_PREPROCESS, SpecError
+from centernet_edge.runtime.cli_common import QUIET_HELP, add_common_flags, check_output_file
+from centernet_edge.runtime.spec import GRAPH_PREPROCESS
 
-from .onnx_export import MAX_OPSET, MAX_TOPK, MIN_OPSET, ExportError, ExportOptions
+if TYPE_CHECKING:
+    from .onnx_export import ExportOptions
 
+# Torch, ONNX and the exporter are imported inside main(), so Ctrl-C while they load is one line too.
 __all__ = ["build_parser", "main"]
 
 PROG = "centernet-export"
@@ -49,6 +55,8 @@ def _batch(value: str) -> int | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .onnx_export import MAX_OPSET, MAX_TOPK, MIN_OPSET
+
     p = _Parser(prog=PROG, description="Export a CenterNet checkpoint (official or mmdetection) to ONNX with "
                 "pre-processing and decode in the graph, verified against the PyTorch reference.")
     p.add_argument("checkpoint", type=Path, help=".pth file (architecture and source are detected)")
@@ -79,17 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--verify-count", type=int, default=3, help="at most this many images (default 3)")
     v.add_argument("--no-verify", action="store_true", help="skip verification")
     v.add_argument("--keep-unverified", action="store_true", help="write the file even if verification fails")
+    v.add_argument("--strict", action="store_true",
+                   help="fail on an unreadable file in --verify-images (default: skip it, count it and name it)")
     v.add_argument("--head-tol", type=float, default=1e-3, help="max head error (default 1e-3)")
     v.add_argument("--score-tol", type=float, default=1e-3, help="max score error of matched detections")
     v.add_argument("--box-tol", type=float, default=1.0, help="max box error of matched detections, pixels")
     v.add_argument("--min-matched", type=float, default=0.97,
                    help="min fraction of reference detections matched (default 0.97)")
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch and ONNX Runtime")
-    p.add_argument("-q", "--quiet", action="store_true", help="print only errors and the verdict")
+    add_common_flags(p, QUIET_HELP)
     return p
 
 
 def _options(args: argparse.Namespace) -> ExportOptions:
+    from .onnx_export import ExportError, ExportOptions
+
     size = None
     if args.input_size is not None:
         if len(args.input_size) > 2:
@@ -103,10 +115,24 @@ def _options(args: argparse.Namespace) -> ExportOptions:
     )
 
 
+def _check_paths(args: argparse.Namespace) -> Path:
+    """Everything about the files that can be refused before the checkpoint is loaded."""
+    from .onnx_export import ExportError
+
+    output = check_output_file(args.output or Path(args.checkpoint.stem + ".onnx"))
+    if args.checkpoint.is_dir():
+        raise ExportError(f"checkpoint {args.checkpoint} is a directory; pass the .pth file inside it")
+    if not args.checkpoint.is_file():
+        raise ExportError(f"checkpoint not found: {args.checkpoint}")
+    return output
+
+
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from .onnx_export import export_checkpoint, save_onnx
+    from centernet_edge.runtime.images import ReadReport
+
+    from .onnx_export import ExportError, export_checkpoint, save_onnx
     from .trt_ops import check_trt_compatibility
     from .verify import Tolerances, load_images, synthetic_images, verify_export
 
@@ -114,17 +140,13 @@ def _run(args: argparse.Namespace) -> int:
     options = _options(args).validate()
     if args.threads:
         torch.set_num_threads(args.threads)
-    output = args.output or Path(args.checkpoint.stem + ".onnx")
-    if not output.parent.exists() and str(output.parent):
-        raise ExportError(f"output directory does not exist: {output.parent}")
-    if not args.checkpoint.is_file():
-        raise ExportError(f"checkpoint not found: {args.checkpoint}")
+    output = _check_paths(args)
     images = None
     if not args.no_verify and args.verify_images is not None:
-        try:
-            images = load_images(args.verify_images, args.verify_count)
-        except ValueError as exc:
-            raise ExportError(str(exc)) from None
+        reads = ReadReport(strict=args.strict)
+        images = load_images(args.verify_images, args.verify_count, reads)
+        if reads.skipped:
+            print(f"{PROG}: warning: {reads.skip_line()} (--strict fails instead)", file=sys.stderr)
 
     start = time.perf_counter()
     result = export_checkpoint(args.checkpoint, arch=args.arch, num_classes=args.num_classes, options=options)
@@ -144,9 +166,14 @@ def _run(args: argparse.Namespace) -> int:
         if not report.passed and not args.keep_unverified:
             print(f"{PROG}: {output} not written (use --keep-unverified to write it anyway)", file=sys.stderr)
             return 1
-    save_onnx(model, output)
+    try:
+        save_onnx(model, output)
+    except OSError as exc:
+        raise ExportError(f"cannot write {output}: {exc.strerror or exc}") from None
     inp = spec.graph.input
     outs = ", ".join(f"{i.name} {i.dtype} {i.shape}" for i in spec.graph.outputs.values())
+    if args.quiet:
+        print(f"wrote {output}")
     say(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB): input {inp.name} {inp.dtype} {inp.shape}; "
         f"output {outs}")
     if not args.no_verify and not report.passed:
@@ -154,9 +181,13 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 ok, 1 verification failed, 2 usage/input error)."""
+def _main(argv: list[str] | None) -> int:
+    from centernet_edge.runtime.cli_common import OutputError
+    from centernet_edge.runtime.images import UnreadableImageError
+    from centernet_edge.runtime.spec import SpecError
+
     from .checkpoints import CheckpointError
+    from .onnx_export import ExportError
 
     parser = build_parser()
     try:
@@ -165,9 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     except _UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    except (ExportError, CheckpointError, SpecError, FileNotFoundError) as exc:
+    except (ExportError, CheckpointError, SpecError, OutputError, UnreadableImageError,
+            FileNotFoundError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (0 ok, 1 verification failed, 2 usage/input error, 130 Ctrl-C)."""
+    try:
+        return _main(argv)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
         return 130

@@ -23,6 +23,7 @@ from torch import nn
 
 from centernet_edge.export.torch_reference import ReferenceDetector
 from centernet_edge.runtime.detections import Detections, box_iou
+from centernet_edge.runtime.images import ReadReport, list_images, read_bgr
 from centernet_edge.runtime.onnx_session import create_session
 from centernet_edge.runtime.postprocess import finalize
 from centernet_edge.runtime.preprocess import prepare_batch
@@ -34,7 +35,6 @@ from .onnx_export import HEAD_NAMES, expose_heads
 __all__ = ["ImageCheck", "Tolerances", "VerifyReport", "load_images", "synthetic_images", "verify_export",
            "match_detections"]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 @dataclass(frozen=True)
@@ -121,22 +121,26 @@ def synthetic_images(count: int = 3, seed: int = 0,
     return images
 
 
-def load_images(directory: str | Path, limit: int | None = None) -> list[tuple[str, np.ndarray]]:
-    """BGR images from a folder (sorted by name), at most ``limit``."""
+def load_images(directory: str | Path, limit: int | None = None,
+                report: ReadReport | None = None) -> list[tuple[str, np.ndarray]]:
+    """The first ``limit`` readable BGR images of a folder (sorted by name), read by the tools' one reader.
+
+    Unreadable files are skipped and noted in ``report`` (a strict report raises instead).
+    """
     folder = Path(directory)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder does not exist: {folder}")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if limit is not None:
-        paths = paths[:limit]
+    report = report if report is not None else ReadReport()
     images = []
-    for path in paths:
-        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if img is None:
-            raise ValueError(f"cannot read image {path.name}")
-        images.append((path.name, img))
+    for path in list_images(folder):
+        if limit is not None and len(images) >= limit:
+            break
+        img = read_bgr(path, report, path.name)
+        if img is not None:
+            images.append((path.name, img))
     if not images:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+        found = f" ({report.skip_line()})" if report.skipped else ""
+        raise FileNotFoundError(f"no readable images in {folder}{found}")
     return images
 
 

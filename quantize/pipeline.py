@@ -19,15 +19,16 @@ import numpy as np
 import onnx
 
 from centernet_edge.calib_data.batches import effective_batch_size
-from centernet_edge.calib_data.images import read_bgr
 from centernet_edge.calib_data.sources import CalibrationSet, load_calibration_set
-from centernet_edge.runtime.atomic import atomic_write_text
+from centernet_edge.runtime.atomic import atomic_write_text, staged_dir
+from centernet_edge.runtime.cli_common import check_output_dir
 from centernet_edge.runtime.hashing import file_sha256
+from centernet_edge.runtime.images import UnreadableImageError, read_bgr
 from centernet_edge.runtime.onnx_graph import ensure_node_names
 from centernet_edge.runtime.preprocess import prepare_batch
 from centernet_edge.runtime.spec import ModelSpec, load_spec
 
-from .artifacts import derived_spec, save_model
+from .artifacts import derived_spec, save_model, sidecar_path
 from .fp16 import convert_fp16
 from .head_error import HeadProbe
 from .layer_error import compare_tensors, write_layer_errors
@@ -43,6 +44,7 @@ from .tensors import calibration_tensors
 from .thresholds import METHODS, compute_amaxes
 from .trt_cache import (
     DEFAULT_TRT_VERSION,
+    cache_header_note,
     calibration_summary,
     check_reusable,
     read_summary,
@@ -52,7 +54,7 @@ from .trt_cache import (
     write_summary,
 )
 
-__all__ = ["ARTIFACTS", "CalibrateOptions", "CalibrateResult", "calibrate"]
+__all__ = ["ARTIFACTS", "INT8_ARTIFACTS", "CalibrateOptions", "CalibrateResult", "calibrate"]
 
 log = logging.getLogger("centernet_edge.quantize")
 
@@ -78,6 +80,8 @@ DOWNSTREAM_CANDIDATES: tuple[tuple[str, dict[str, Any]], ...] = (
     ("percentile", {"percentile": 99.99}), ("percentile_99.9", {"percentile": 99.9}),
     ("percentile_99.999", {"percentile": 99.999}), ("mse", {}), ("entropy", {}), ("minmax", {}),
 )
+INT8_ARTIFACTS = ("qdq", "cpu", "sensitivity_json", "sensitivity_md", "precision", "layer_error_json",
+                  "layer_error_md")
 
 
 @dataclass
@@ -108,6 +112,7 @@ class CalibrateOptions:
     range_images: int = 4  # calibration images replayed by --method downstream
     layer_report_images: int = 2  # images of the per-layer int8-vs-fp32 comparison; 0 = no layer_error.*
     progress: bool = True
+    strict: bool = False  # an unreadable calibration image fails the run instead of being skipped
 
 
 @dataclass
@@ -121,6 +126,8 @@ class CalibrateResult:
     reused_cache: bool = False
     timings: dict[str, float] = field(default_factory=dict)
     cpu_int8: dict[str, Any] | None = None
+    written: list[str] = field(default_factory=list)  # every file this run put into out_dir
+    header_note: str = ""  # which calibrator the cache header names, and where the ranges came from
 
 
 def _say(options: CalibrateOptions, message: str) -> None:
@@ -191,7 +198,9 @@ def calibrate(options: CalibrateOptions) -> CalibrateResult:
     """Run one calibration (see module docstring) and write the artifacts into ``options.out_dir``.
 
     The TensorRT cache and summary are always written (they are what calibration produces); ``int8`` and
-    ``fp16`` choose which models are written besides them.
+    ``fp16`` choose which models are written besides them. Everything is written into a temporary folder
+    beside ``out_dir`` and moved into place at the end, so a failed or interrupted run leaves ``out_dir``
+    as it was (no empty folder, no cache without its summary).
     """
     if options.method not in METHOD_CHOICES:
         raise ValueError(f"unknown method {options.method!r}; choose one of {', '.join(METHOD_CHOICES)}")
@@ -200,13 +209,33 @@ def calibrate(options: CalibrateOptions) -> CalibrateResult:
     if options.cpu_float not in ("none", "mixed"):
         raise ValueError(f"cpu_float must be 'none' or 'mixed'; got {options.cpu_float!r}")
     model_path = Path(options.model)
+    if model_path.is_dir():
+        raise FileNotFoundError(f"model {model_path} is a directory; pass the .onnx file inside it")
     if not model_path.is_file():
         raise FileNotFoundError(f"model not found: {model_path}")
+    out = check_output_dir(options.out_dir)
+    if options.stats_cache is not None:
+        check_output_dir(options.stats_cache)
     spec = load_spec(model_path, options.model_spec)
+    # Outputs of the kinds this run makes that it did not make this time are stale: removed at the move.
+    stale: set[str] = set()
+    with staged_dir(out, keep=lambda name: name not in stale, last=(ARTIFACTS["summary"],)) as stage:
+        result = _calibrate_into(options, model_path, spec, out, stage)
+        produced = {p.name for p in stage.iterdir()}
+        result.written = sorted(produced)
+        if options.int8:
+            int8_outputs = [ARTIFACTS[k] for k in INT8_ARTIFACTS]
+            stale |= {n for n in int8_outputs + [sidecar_path(n).name for n in int8_outputs if n.endswith(".onnx")]
+                      if n not in produced}
+    result.artifacts = {key: out / path.name for key, path in result.artifacts.items()}
+    return result
+
+
+def _calibrate_into(options: CalibrateOptions, model_path: Path, spec: ModelSpec, out: Path, stage: Path
+                    ) -> CalibrateResult:
     foreign = options.model_spec is not None
-    out = Path(options.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {key: out / name for key, name in ARTIFACTS.items()}
+    final = {key: out / name for key, name in ARTIFACTS.items()}  # an earlier run's, read for reuse
+    paths = {key: stage / name for key, name in ARTIFACTS.items()}  # this run's, moved into place at the end
     trt_version = trt_version_int(options.trt_version)
 
     clock = _Clock()
@@ -217,24 +246,26 @@ def calibrate(options: CalibrateOptions) -> CalibrateResult:
                                  num_images=options.num_images, seed=options.seed)
     _say(options, f"{len(placement.layers)} int8-eligible layers; calibrating on {len(calib)} image(s)")
 
-    reused = check_reusable(paths["cache"], model_sha256=model_sha, dataset_hash=calib.dataset_hash,
+    reused = check_reusable(final["cache"], model_sha256=model_sha, dataset_hash=calib.dataset_hash,
                             method=options.method, method_options=_method_options(options, options.method),
-                            summary_path=paths["summary"], force=options.force)
+                            summary_path=final["summary"], force=options.force)
     stats: CalibrationStats | None = None
     method_errors: dict[str, float] = {}
     probe: HeadProbe | None = None
     if reused:
-        recorded = read_summary(paths["summary"])
+        recorded = read_summary(final["summary"])
         amax = {k: float(v) for k, v in recorded["amax"].items()}
         method = str(recorded.get("selected_method", options.method))
         observed = {k: tuple(v) for k, v in recorded.get("observed_range", {}).items()}
+        reads = dict(recorded.get("image_reads") or {})
         _say(options, f"reusing calibration in {out} (same model, images and method)")
     else:
         tensors = list(dict.fromkeys(calibration_tensors(model, spec) + placement.activation_tensors()))
         stats = collect_calibration_stats(model_path, spec, calib, tensors=tensors,
                                           batch_size=options.batch_size, cache_dir=options.stats_cache,
                                           progress=options.progress, intra_op_num_threads=options.threads,
-                                          workers=_workers(options))
+                                          workers=_workers(options), strict=options.strict)
+        reads = dict(stats.meta.get("read_report") or {})
         observed = {n: (s.min, s.max) for n, s in stats.tensors.items()}
         method = options.method
         if method == "auto":
@@ -245,11 +276,16 @@ def calibrate(options: CalibrateOptions) -> CalibrateResult:
             amax = _downstream_amaxes(model, spec, placement, stats, calib, options)
         else:
             amax = _amaxes(stats, method, options)
+    if options.strict and reads.get("skipped"):
+        first = sorted((reads.get("skip_reasons") or {}).items())[:1]
+        named = f": {first[0][0]} ({first[0][1]})" if first else ""
+        raise UnreadableImageError(f"{reads['skipped']} calibration image(s) could not be read{named} (--strict)")
     # Rewritten even when reused: equal ranges give equal bytes, and --trt-version may have changed.
     write_cache(paths["cache"], amax, method=method, trt_version=trt_version)
     clock.lap("statistics_and_ranges")
 
     result = CalibrateResult(out, method, amax, {"cache": paths["cache"]}, None, method_errors, reused)
+    result.header_note = cache_header_note(method, trt_version)
     provenance = {"calibration_method": method, "calibration_images": len(calib),
                   "calibration_dataset_hash": calib.dataset_hash, "source_model_sha256": model_sha}
 
@@ -259,8 +295,7 @@ def calibrate(options: CalibrateOptions) -> CalibrateResult:
                                           provenance, foreign, method, clock)
         result.mixed = mixed
         result.cpu_int8 = cpu_info
-        for key in ("qdq", "cpu", "sensitivity_json", "sensitivity_md", "precision", "layer_error_json",
-                    "layer_error_md"):
+        for key in INT8_ARTIFACTS:
             if paths[key].exists():
                 result.artifacts[key] = paths[key]
     if options.fp16:
@@ -272,8 +307,10 @@ def calibrate(options: CalibrateOptions) -> CalibrateResult:
 
     extra = {
         "selected_method": method,
+        "cache_header_note": result.header_note,
         "method_head_errors": method_errors,
         "calibration_set": calib.summary(),
+        "image_reads": reads,
         "model_spec_name": spec.name,
         "observed_range": {k: [float(v[0]), float(v[1])] for k, v in sorted(observed.items())},
         "float_layers": list(result.mixed.float_layers) if result.mixed else [],
@@ -322,15 +359,18 @@ def _int8_artifacts(model: onnx.ModelProto, spec: ModelSpec, placement: Placemen
                     paths: dict[str, Path], provenance: dict[str, Any], foreign: bool, method: str,
                     clock: _Clock) -> tuple[MixedResult, dict[str, Any] | None]:
     meta = {"method": method, "probe_images": probe.images, "layers": len(placement.layers)}
-    _say(options, f"sensitivity of {len(placement.layers)} layers on {probe.images} calibration image(s)")
-    ranking = layer_sensitivity(model, placement.layers, amax, probe, progress=options.progress,
-                                workers=_workers(options))
-    write_sensitivity(ranking, paths["sensitivity_json"], paths["sensitivity_md"], meta)
-    clock.lap("sensitivity")
-    if options.budget is None:
+    if options.budget is None or options.max_float == 0:
+        # No layer may stay float, so a sensitivity ranking would decide nothing: skip its cost.
         all_int8 = probe.measure(build_qdq_model(model, placement.layers, amax))
-        mixed = MixedResult(float("inf"), [], all_int8, [(0, all_int8)], True)
+        budget = float("inf") if options.budget is None else options.budget
+        mixed = MixedResult(budget, [], all_int8, [(0, all_int8)], all_int8.head_error <= budget)
+        clock.lap("sensitivity")
     else:
+        _say(options, f"sensitivity of {len(placement.layers)} layers on {probe.images} calibration image(s)")
+        ranking = layer_sensitivity(model, placement.layers, amax, probe, progress=options.progress,
+                                    workers=_workers(options))
+        write_sensitivity(ranking, paths["sensitivity_json"], paths["sensitivity_md"], meta)
+        clock.lap("sensitivity")
         mixed = search_mixed_precision(model, placement, amax, ranking, probe, options.budget,
                                        options.max_float, progress=lambda m: _say(options, m))
     if not mixed.met_budget:
@@ -385,7 +425,6 @@ def _cpu_artifact(model: onnx.ModelProto, spec: ModelSpec, placement: Placement,
             regions=placement.regions)
     except Exception as exc:  # ONNX Runtime's quantizer rejects some graphs; the TensorRT artifacts stand
         log.warning("ONNX Runtime CPU int8 model not written: %s: %s", type(exc).__name__, exc)
-        paths["cpu"].unlink(missing_ok=True)  # never leave a stale one from an earlier run beside new ones
         return None
     error = probe.measure(cpu).head_error
     info = {"float_layers": len(keep_float), "format": options.cpu_format,

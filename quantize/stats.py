@@ -33,10 +33,10 @@ import onnx
 from onnx import TensorProto, helper
 
 from centernet_edge.calib_data.batches import effective_batch_size, iter_batches, num_batches
-from centernet_edge.calib_data.images import ReadReport
 from centernet_edge.calib_data.sources import CalibrationSet
 from centernet_edge.runtime.atomic import atomic_path
 from centernet_edge.runtime.hashing import file_sha256, text_sha256
+from centernet_edge.runtime.images import ReadReport
 from centernet_edge.runtime.onnx_graph import prune_to_outputs, tensor_types
 from centernet_edge.runtime.onnx_session import create_session
 from centernet_edge.runtime.spec import ModelSpec
@@ -428,13 +428,15 @@ def collect_calibration_stats(
     intra_op_num_threads: int | None = 1,
     providers: Sequence[str] | None = None,
     workers: int | None = None,
+    strict: bool = False,
 ) -> CalibrationStats:
     """Statistics for ``model_path`` over ``calib_set``, fed exactly as deployment feeds it.
 
     ``tensors`` defaults to :func:`calibration_tensors`. With ``cache_dir`` the result is stored as
     ``calib-stats-<key>.npz`` keyed by model sha256, dataset hash, spec, tensors and binning, and reused
     when everything matches, so threshold methods can be compared without re-running the model.
-    ``meta`` records the hashes and the read report (images skipped or converted).
+    ``meta`` records the hashes and the read report (images skipped or converted, every skip with its
+    reason); ``strict`` raises at the first unreadable image instead of skipping it.
     """
     model = onnx.load(str(model_path))
     names = list(tensors) if tensors is not None else calibration_tensors(model, spec)
@@ -450,7 +452,7 @@ def collect_calibration_stats(
             return cached
         log.warning("ignoring %s: it was collected for different inputs", cache_file)
 
-    report = ReadReport()
+    report = ReadReport(strict=strict)
     first_pass = [True]
 
     def batches() -> Iterable[np.ndarray]:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 
@@ -58,3 +59,39 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:
     """Write ``text`` to ``path`` atomically and return the final path."""
     return atomic_write_bytes(path, text.encode(encoding))
+
+
+@contextlib.contextmanager
+def staged_dir(path: str | os.PathLike[str], keep: Callable[[str], bool] | None = None,
+               last: Sequence[str] = ()) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; move what it holds into ``path`` on success.
+
+    A run that writes several files either leaves all of them under ``path`` or none: on any failure
+    (KeyboardInterrupt included) the temporary folder is removed and ``path`` is as it was. A missing
+    ``path`` appears by one rename (its missing parents are created only then); an existing one keeps its
+    other files and gets the new ones moved in by name. ``keep(name)`` (optional) is asked, before the
+    move, about each file already in ``path``; those it returns False for are deleted (stale outputs).
+    Files named in ``last`` are moved after the others (e.g. the summary that vouches for them).
+    """
+    final = Path(path)
+    anchor = final.parent.absolute()
+    while not anchor.exists() and anchor != anchor.parent:
+        anchor = anchor.parent  # same filesystem as the final folder will be, so the move is a rename
+    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=anchor))
+    try:
+        yield stage
+        if not final.exists():
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(stage, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the folder's mode
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(stage, final)
+            return
+        if keep is not None:
+            for old in final.iterdir():
+                if old.is_file() and not keep(old.name):
+                    old.unlink()
+        for new in sorted(stage.iterdir(), key=lambda p: (p.name in last, p.name)):
+            os.replace(new, final / new.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

@@ -47,6 +47,13 @@ class Detections:
         order = np.argsort(-self.scores, kind="stable")[: max(int(k), 0)]
         return Detections(self.boxes[order], self.scores[order], self.labels[order])
 
+    def clipped(self, height: int, width: int) -> Detections:
+        """Boxes clipped to the image (x in [0, width], y in [0, height]), as scored by the evaluator."""
+        boxes = self.boxes.copy()
+        np.clip(boxes[:, 0::2], 0, width, out=boxes[:, 0::2])
+        np.clip(boxes[:, 1::2], 0, height, out=boxes[:, 1::2])
+        return Detections(boxes, self.scores, self.labels)
+
     def to_array(self) -> np.ndarray:
         """[K, 6] float32 rows (x1, y1, x2, y2, score, class_index) — the graph's detections layout."""
         return np.concatenate(

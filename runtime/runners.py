@@ -245,6 +245,19 @@ class OnnxRuntimeRunner(RunnerBase):
             roles = {"detections": roles["detections"]}
         return graph.input.name, {role: info.name for role, info in roles.items()}
 
+    def _check_detections(self, value: np.ndarray) -> None:
+        """Rows must be (x1, y1, x2, y2, score, class): a transposed or foreign layout is refused, not scored."""
+        declared = self.spec.graph.outputs["detections"].shape
+        got = list(np.shape(value))
+        # The batch axis is left out: a padded fixed-batch run is cut back to the real images.
+        fixed_ok = len(got) == len(declared) and all(
+            not isinstance(d, int) or d == g for d, g in zip(declared[1:], got[1:], strict=True))
+        if len(got) != 3 or got[2] != 6 or not fixed_ok:
+            raise RunnerError(
+                f"{self.model_path.name}: output {self.spec.graph.outputs['detections'].name!r} has shape {got}, "
+                f"expected [N, K, 6] rows (x1, y1, x2, y2, score, class) as the model spec declares {declared}"
+            )
+
     def _feed_error(self, feed: np.ndarray, exc: Exception) -> str:
         expected = self.session.get_inputs()[0]
         return (
@@ -290,7 +303,12 @@ class OnnxRuntimeRunner(RunnerBase):
             t1 = time.perf_counter()
             by_role = self.run_raw(feed)
             t2 = time.perf_counter()
-            results.extend(finalize(by_role, self.spec, geoms))
+            if "detections" in by_role:
+                self._check_detections(by_role["detections"])
+            try:
+                results.extend(finalize(by_role, self.spec, geoms))
+            except ValueError as exc:  # outputs that do not fit the spec's description
+                raise RunnerError(f"{self.model_path.name}: {exc}") from exc
             t3 = time.perf_counter()
             pre, infer, post = pre + t1 - t0, infer + t2 - t1, post + t3 - t2
             if self.keep_raw:
