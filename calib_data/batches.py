@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from centernet_edge.runtime.images import ReadReport, read_bgr, relative_name
 from centernet_edge.runtime.preprocess import prepare_batch
 from centernet_edge.runtime.spec import ModelSpec
 
-from .images import ReadReport, read_bgr
 from .sources import CalibrationSet
 
 __all__ = ["effective_batch_size", "iter_batches", "iter_feeds", "iter_images", "num_batches"]
@@ -38,15 +38,17 @@ def iter_images(images: CalibrationSet | Iterable[PathLike], report: ReadReport 
                 ) -> Iterator[tuple[Path, np.ndarray]]:
     """Yield ``(path, bgr_uint8)`` for every readable image; unreadable ones are skipped.
 
-    With a ``report`` every skip is logged as a warning and counted there; without one (e.g. a second
-    pass over the same files) skips are silent.
+    With a ``report`` every skip is logged as a warning and noted there (under the name relative to a
+    calibration set's root, so summaries carry no machine paths); without one (e.g. a second pass over
+    the same files) skips are silent.
     """
+    root = images.root if isinstance(images, CalibrationSet) else None
     for path in _paths(images):
-        img = read_bgr(path, report)
+        name = relative_name(path, root) if root is not None else str(path)
+        img = read_bgr(path, report, name)
         if img is None:
             if report is not None:
-                reason = report.skip_reasons[str(path)]
-                log.warning("skipping unreadable calibration image %s: %s", path, reason)
+                log.warning("skipping unreadable calibration image %s: %s", name, report.skip_reasons[name])
             continue
         yield path, img
 

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterable
-from pathlib import Path
 
-from centernet_edge.runtime.hashing import file_sha256, text_sha256
-
-__all__ = ["dataset_hash", "file_sha256", "relative_name", "text_sha256"]
-
+__all__ = ["dataset_hash"]
 
 
 def dataset_hash(entries: Iterable[tuple[str, int]], seed: int) -> str:
@@ -27,8 +22,3 @@ def dataset_hash(entries: Iterable[tuple[str, int]], seed: int) -> str:
         digest.update(f"{name}\t{int(size)}\n".encode())
     digest.update(f"seed\t{int(seed)}\n".encode())
     return digest.hexdigest()
-
-
-def relative_name(path: Path, root: Path) -> str:
-    """``path`` relative to ``root`` in POSIX form (so hashes agree across operating systems)."""
-    return Path(os.path.relpath(path, root)).as_posix()

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import IMAGE_EXTENSIONS
-from .provenance import dataset_hash, relative_name
+from centernet_edge.runtime.images import list_images, relative_name
+
+from .provenance import dataset_hash
 
 __all__ = [
     "CalibrationSet",
@@ -67,18 +68,13 @@ class CalibrationSet:
         }
 
 
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS
-
-
 def list_folder(folder: str | os.PathLike[str], recursive: bool = False) -> list[Path]:
-    """Image files (by extension) in ``folder``, sorted by relative name; hidden files are ignored."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise CalibrationSourceError(f"calibration folder does not exist: {root}")
-    pattern = root.rglob("*") if recursive else root.iterdir()
-    found = [p for p in pattern if p.is_file() and _is_image(p) and not p.name.startswith(".")]
-    return sorted(found, key=lambda p: relative_name(p, root))
+    """Image files in ``folder`` (:func:`~centernet_edge.runtime.images.list_images`), as a calibration
+    source."""
+    try:
+        return list_images(folder, recursive)
+    except FileNotFoundError:
+        raise CalibrationSourceError(f"calibration folder does not exist: {folder}") from None
 
 
 def _split_existing(paths: list[Path], root: Path) -> tuple[list[Path], list[str]]:

@@ -62,6 +62,7 @@ def evaluate(
     warmup: int = 1,
     output_dir: PathLike | None = None,
     progress: bool = True,
+    strict: bool = False,
 ) -> EvaluationResult:
     """COCO accuracy, agreement with the baseline and latency of ``models`` on ``images`` + ``annotations``.
 
@@ -69,7 +70,8 @@ def evaluate(
     model with ``.metrics.stats["AP"]`` (0..1), ``.agreement``, ``.latency`` and ``.detections`` by image id.
     ``model_specs``: one description for all models or one per model (None = the model's own spec).
     ``output_dir``: also write report.md and report.json there, as ``centernet-eval`` does. The baseline is
-    re-run unless ``cache_dir`` is given (the CLI caches by default).
+    re-run unless ``cache_dir`` is given (the CLI caches by default). ``strict``: fail on an unreadable image
+    instead of skipping it.
     """
     from centernet_edge.eval.cache import ResultCache
     from centernet_edge.eval.cli import _labels as unique_labels
@@ -95,7 +97,7 @@ def evaluate(
     options = RunnerOptions(providers=list(providers) if providers else None, threads=threads, keep_raw=heatmaps)
     cache = ResultCache(Path(cache_dir)) if cache_dir is not None else None
     result = evaluate_models(entries, dataset, baseline, options, cache=cache, limit=limit, progress=progress,
-                             agreement_min_score=agreement_score, warmup=warmup)
+                             agreement_min_score=agreement_score, warmup=warmup, strict=strict)
     if output_dir is not None:
         from centernet_edge.eval.report import build_report, write_report
 

@@ -39,17 +39,6 @@ class DetectError(ValueError):
     """Inputs or options that cannot be processed; the message says which and why."""
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line (no usage dump)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageError(message)
-
-
 def _threshold(text: str) -> float:
     try:
         value = float(text)
@@ -61,9 +50,11 @@ def _threshold(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from centernet_edge.runtime.cli_common import OneLineParser, add_common_flags
+
     from .detector import DEFAULT_SCORE_THRESHOLD
 
-    p = _Parser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG,
+    p = OneLineParser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG,
                 description="Run a CenterNet model on images, image folders or video files and write annotated "
                 "copies (boxes, class names, scores) plus the detections as JSON: a first look at what a "
                 "model does, before any numbers.")
@@ -83,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ONNX Runtime providers, comma separated (cpu, cuda, tensorrt); default CUDA if available")
     p.add_argument("--threads", type=int, metavar="N", help="intra-op threads")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar; print only errors")
+    add_common_flags(p, "no progress bars: only the line saying what was written, warnings and errors")
     return p
 
 
@@ -102,13 +93,13 @@ def _is_video(path: Path) -> bool:
 
 def collect_inputs(inputs: Sequence[Path]) -> list[_Item]:
     """Images and videos in command-line order; a folder contributes its images and videos sorted by name."""
-    from centernet_edge.calib_data.sources import list_folder
+    from centernet_edge.runtime.images import list_images
 
     items: list[_Item] = []
     for given in inputs:
         if given.is_dir():
             videos = [p for p in given.iterdir() if p.is_file() and _is_video(p) and not p.name.startswith(".")]
-            found = sorted([*list_folder(given), *videos], key=lambda p: p.name)
+            found = sorted([*list_images(given), *videos], key=lambda p: p.name)
             if not found:
                 raise DetectError(f"no images or videos in folder {given}")
             items += [_Item(p, "video" if _is_video(p) else "image") for p in found]
@@ -197,18 +188,15 @@ def _run_images(detector: Any, items: list[_Item], stage: Path, taken: set[str],
     import cv2
     from tqdm import tqdm
 
-    from centernet_edge.calib_data.images import ReadReport, read_bgr
+    from centernet_edge.runtime.images import ReadReport, read_bgr
 
     from .drawing import draw_detections
 
-    report = ReadReport()
+    report = ReadReport(strict=strict)  # strict: the first unreadable file raises UnreadableImageError
     for item in tqdm(items, desc="images", unit="img", disable=quiet or len(items) < 2):
         image = read_bgr(item.path, report)
         if image is None:
-            reason = report.skip_reasons.get(str(item.path), "unreadable")
-            if strict:
-                raise DetectError(f"cannot read image {item.path}: {reason}")
-            summary.skipped[str(item.path)] = reason
+            summary.skipped[str(item.path)] = report.skip_reasons.get(str(item.path), "unreadable")
             continue
         dets = detector.detect([image])[0]
         suffix = item.path.suffix.lower() if item.path.suffix.lower() in _WRITABLE_IMAGE_SUFFIXES else ".png"
@@ -221,7 +209,8 @@ def _run_images(detector: Any, items: list[_Item], stage: Path, taken: set[str],
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Detect as the arguments say; returns the detections document that was written."""
-    from centernet_edge.runtime.atomic import atomic_directory
+    from centernet_edge.runtime.atomic import staged_dir
+    from centernet_edge.runtime.cli_common import check_output_dir
 
     from .detector import Detector
 
@@ -232,7 +221,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise DetectError(f"--threads must be >= 1; got {args.threads}")
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
     summary = _Summary()
-    with atomic_directory(args.output_dir) as stage, Detector(
+    check_output_dir(args.output_dir)
+    with staged_dir(args.output_dir) as stage, Detector(
         args.model, model_spec=args.model_spec, score_threshold=args.score_threshold, clip_boxes=True,
         backend=args.backend, providers=providers, threads=args.threads,
     ) as detector:
@@ -261,12 +251,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from centernet_edge.runtime.cli_common import OutputError
+    from centernet_edge.runtime.images import UnreadableImageError
     from centernet_edge.runtime.runners import RunnerError
     from centernet_edge.runtime.spec import SpecError
 
     from .detector import ImageReadError
 
-    known: tuple[type[BaseException], ...] = (DetectError, SpecError, RunnerError, ImageReadError, OSError)
+    known: tuple[type[BaseException], ...] = (DetectError, SpecError, RunnerError, ImageReadError, OutputError,
+                                              UnreadableImageError, OSError)
     checkpoints = sys.modules.get("centernet_edge.export.checkpoints")  # only loaded when a .pth was given
     if checkpoints is not None:
         known += (checkpoints.CheckpointError,)
@@ -276,11 +269,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 2 bad input, 130 interrupted)."""
     try:
-        args = build_parser().parse_args(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exc:  # --help, --version, or a bad flag already reported in one line
+            return exc.code if isinstance(exc.code, int) else 2
         document = run(args)
-    except _UsageError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
         return 130
@@ -290,13 +283,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
               file=sys.stderr)
         return 2
-    if not args.quiet:
-        for name, reason in document["skipped"].items():
-            print(f"{PROG}: skipped {name}: {reason}", file=sys.stderr)
-        frames = sum(v["frames"] for v in document["videos"])
-        print(f"wrote {len(document['images'])} image(s), {len(document['videos'])} video(s) ({frames} frames) "
-              f"and detections.json to {args.output_dir}" + (f"; skipped {len(document['skipped'])}"
-                                                             if document["skipped"] else ""))
+    for name, reason in document["skipped"].items():
+        print(f"{PROG}: warning: skipped {name}: {reason} (--strict fails instead)", file=sys.stderr)
+    frames = sum(v["frames"] for v in document["videos"])
+    print(f"wrote {len(document['images'])} image(s), {len(document['videos'])} video(s) ({frames} frames) "
+          f"and detections.json to {args.output_dir}" + (f"; skipped {len(document['skipped'])}"
+                                                         if document["skipped"] else ""))
     return 0
 
 

@@ -1,9 +1,10 @@
 """``Detector("model.onnx")(images)``: detections for images, the shortest path from a model to boxes.
 
-A thin layer over the runtime's runners (:func:`create_runner`): the model spec comes from the model's
-metadata (or ``model_spec=`` for a foreign ONNX), files are read with the project's image reader
-(:func:`centernet_edge.calib_data.images.read_bgr`, the pixels ``cv2.imread`` gives), and the results are
-the runners' own :class:`Detections`, only filtered by ``score_threshold``.
+A thin layer over the runners (opened by :func:`centernet_edge.eval.backends.open_runner`, which picks the
+backend by file extension): the model spec comes from the model's metadata (or ``model_spec=`` for a foreign
+ONNX), files are read with the tools' one image reader (:func:`centernet_edge.runtime.images.read_bgr`, the
+pixels ``cv2.imread`` gives), and the results are the runners' own :class:`Detections`, only filtered by
+``score_threshold``.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from typing import Any, Union
 
 import numpy as np
 
-from centernet_edge.calib_data.images import ReadReport, read_bgr
+from centernet_edge.eval.backends import default_backend, open_runner
 from centernet_edge.runtime.detections import Detections
-from centernet_edge.runtime.runners import Runner, RunnerOptions, backend_for_path, create_runner
+from centernet_edge.runtime.images import ReadReport, read_bgr
+from centernet_edge.runtime.runners import Runner, RunnerOptions
 from centernet_edge.runtime.spec import ModelSpec, SpecError, load_spec
 
 __all__ = ["DEFAULT_SCORE_THRESHOLD", "Detector", "ImageInput", "ImageReadError", "detection_records"]
@@ -68,7 +70,8 @@ class Detector:
     model: an .onnx file (ONNX Runtime) or a checkpoint (.pth, PyTorch reference), or any file a registered
     backend handles. model_spec: a side-car description (JSON path or :class:`ModelSpec`) for an ONNX without
     an embedded spec. score_threshold: detections scoring below it are dropped (0 keeps all K).
-    clip_boxes: clip boxes to the image (the runners, like upstream CenterNet, do not).
+    clip_boxes: clip boxes to the image, as the evaluator scores them (the runners, like upstream CenterNet,
+    do not clip).
     providers/threads: ONNX Runtime execution providers ("cpu", "cuda", ...) and intra-op threads.
     """
 
@@ -92,9 +95,9 @@ class Detector:
         self.model_path = path
         self.score_threshold = float(score_threshold)
         self.clip_boxes = clip_boxes
-        backend = backend or backend_for_path(path)
+        backend = backend or default_backend(path)
         options = RunnerOptions(providers=list(providers) if providers else None, threads=threads)
-        self._runner: Runner | None = create_runner(backend, path, _spec_for(path, model_spec, backend), options)
+        self._runner: Runner | None = open_runner(backend, path, _spec_for(path, model_spec, backend), options)
         self.spec: ModelSpec = self._runner.spec
 
     @property
@@ -129,11 +132,8 @@ class Detector:
     def filter(self, dets: Detections, image_hw: tuple[int, int]) -> Detections:
         """Apply ``score_threshold`` (and ``clip_boxes``) to one image's raw detections."""
         keep = dets.scores >= self.score_threshold
-        boxes = dets.boxes[keep]
-        if self.clip_boxes:
-            h, w = image_hw
-            boxes = np.clip(boxes, 0.0, [w, h, w, h]).astype(np.float32)
-        return Detections(boxes, dets.scores[keep], dets.labels[keep])
+        kept = Detections(dets.boxes[keep], dets.scores[keep], dets.labels[keep])
+        return kept.clipped(*image_hw) if self.clip_boxes else kept
 
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
         """Detections of already-loaded BGR uint8 images, one :class:`Detections` per image."""
@@ -151,6 +151,8 @@ class Detector:
 
     def close(self) -> None:
         """Release the backend session (the detector cannot be used afterwards)."""
+        if self._runner is not None:
+            self._runner.close()
         self._runner = None
 
     def __enter__(self) -> Detector:

@@ -15,30 +15,16 @@ from typing import Any
 
 import numpy as np
 
-from centernet_edge.runtime.detections import Detections
+from centernet_edge.runtime.detections import Detections, box_iou
 from centernet_edge.runtime.postprocess import heatmap_probabilities
 
 __all__ = [
     "AgreementAccumulator",
     "AgreementStats",
     "MatchResult",
-    "box_iou",
     "heatmap_probabilities",
     "match_detections",
 ]
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of xyxy boxes: (N,4) x (M,4) -> (N,M)."""
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(axis=-1)
-    area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(axis=-1)
-    area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(axis=-1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
 
 @dataclass

@@ -2,8 +2,10 @@
 
 The key covers everything that changes the baseline's detections: the model file's sha256, the dataset
 fingerprint, the protocol (spec pre-processing/decode and evaluator settings), the backend and the image
-limit. A hit restores detections and timings; raw heatmaps are not cached (they are large), so heatmap
-agreement is unavailable against a cached baseline.
+limit. A hit restores the detections (clipped to their images, as scored): accuracy only. Latency is
+never cached, since a time measured in another session (other load, other clocks) next to fresh ones
+reads as a speed-up or slow-down that is not there. Raw heatmaps are not cached either (they are large),
+so heatmap agreement is unavailable against a cached baseline.
 """
 
 from __future__ import annotations
@@ -11,20 +13,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from centernet_edge.runtime.atomic import atomic_path, atomic_write_text
 from centernet_edge.runtime.detections import Detections
-from centernet_edge.runtime.hashing import file_sha256
-from centernet_edge.runtime.runners import StageTimes
 
-__all__ = ["CACHE_VERSION", "CachedRun", "ResultCache", "cache_key", "default_cache_dir", "file_sha256"]
+__all__ = ["CACHE_VERSION", "CachedRun", "ResultCache", "cache_key", "default_cache_dir"]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: boxes clipped to the image, no timings
 
 
 def default_cache_dir() -> Path:
@@ -46,22 +46,10 @@ def cache_key(
 
 @dataclass
 class CachedRun:
-    """What a baseline run leaves behind: detections per image, per-call timings, runner description."""
+    """What a baseline run leaves behind for reuse: detections per image and the runner description."""
 
     detections: dict[int, Detections]
-    timings: list[StageTimes]
     meta: dict[str, Any]
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class ResultCache:
@@ -82,15 +70,13 @@ class ResultCache:
             with np.load(arrays_path) as data:
                 ids, counts = data["image_ids"], data["counts"]
                 boxes, scores, labels = data["boxes"], data["scores"], data["labels"]
-                timing = data["timings"]
         except (OSError, ValueError, KeyError):
             return None  # a damaged entry is a miss, not an error: it is rewritten after the run
         detections: dict[int, Detections] = {}
         starts = np.concatenate([[0], np.cumsum(counts)])
         for image_id, lo, hi in zip(ids, starts[:-1], starts[1:], strict=True):
             detections[int(image_id)] = Detections(boxes[lo:hi], scores[lo:hi], labels[lo:hi])
-        timings = [StageTimes(float(p), float(i), float(q), int(n)) for p, i, q, n in timing]
-        return CachedRun(detections, timings, meta)
+        return CachedRun(detections, meta)
 
     def store(self, key: str, run: CachedRun) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -106,14 +92,8 @@ class ResultCache:
                                      or [np.zeros(0, np.float32)]),
             "labels": np.concatenate([np.asarray(d.labels, np.int64).reshape(-1) for d in dets]
                                      or [np.zeros(0, np.int64)]),
-            "timings": np.asarray([[t.pre_ms, t.infer_ms, t.post_ms, t.images] for t in run.timings],
-                                  dtype=np.float64).reshape(-1, 4),
         }
 
-        def write_arrays(tmp: str) -> None:
-            with open(tmp, "wb") as handle:
-                np.savez(handle, **arrays)
-
-        _atomic_write(arrays_path, write_arrays)
-        meta = json.dumps(run.meta, indent=2, default=str)
-        _atomic_write(meta_path, lambda tmp: Path(tmp).write_text(meta))
+        with atomic_path(arrays_path) as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+        atomic_write_text(meta_path, json.dumps(run.meta, indent=2, default=str))

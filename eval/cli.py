@@ -2,6 +2,11 @@
 
     centernet-eval model.onnx model_int8.onnx --images val2017 --ann instances_val2017.json -o report/
     centernet-eval foreign.onnx --model-spec foreign.json --images val2017 --ann instances_val2017.json
+
+Unreadable images are skipped for every model, left out of the scores and named in the report
+(``--strict`` fails instead). The outputs are written into a temporary folder beside ``-o`` and moved
+into place at the end. Exit codes: 0 ok, 2 bad input (one line on stderr, nothing written), 130
+interrupted (nothing written).
 """
 
 from __future__ import annotations
@@ -11,19 +16,14 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from centernet_edge.runtime.atomic import atomic_write_text
-from centernet_edge.runtime.runners import RunnerError, RunnerOptions, available_backends
-from centernet_edge.runtime.spec import SpecError
+from centernet_edge.runtime.cli_common import OneLineParser, add_common_flags
 
-from .cache import ResultCache, default_cache_dir
-from .coco_eval import to_coco_results
-from .dataset import DatasetError, load_coco_dataset, model_category_ids
-from .evaluate import EvaluationResult, ModelEntry, evaluate_models, resolve_model
-from .plots import plot_disagreements, plot_per_class_delta, plot_pr_curves, safe_name
-from .report import build_report, render_markdown, write_report
+if TYPE_CHECKING:
+    from .evaluate import EvaluationResult, ModelEntry
 
+# ONNX Runtime, pycocotools and matplotlib are imported inside main(), so Ctrl-C while they load is one line.
 __all__ = ["build_parser", "main"]
 
 PROG = "centernet-eval"
@@ -34,7 +34,9 @@ class UsageError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from .backends import BACKENDS
+
+    p = OneLineParser(
         prog=PROG,
         description="Evaluate CenterNet models (ONNX, checkpoints, plug-in backends) on COCO annotations and "
         "write a Markdown + JSON report with deltas against a baseline.",
@@ -42,23 +44,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="+", metavar="MODEL", help="model files (.onnx, .pth, ...)")
     p.add_argument("--images", required=True, type=Path, metavar="DIR", help="image folder (e.g. val2017)")
     p.add_argument("--ann", required=True, type=Path, metavar="JSON", help="COCO instances annotation file")
-    p.add_argument("--model-spec", action="append", default=[], metavar="JSON",
-                   help="model description for an ONNX without embedded spec; give it once for all models or "
-                   "once per model in order ('-' = use the model's own)")
+    p.add_argument("--model-spec", action="extend", nargs="+", default=[], metavar="JSON",
+                   help="model description for an ONNX without embedded spec: one for all models, or one per "
+                   "model in order, e.g. '--model-spec a.json - -' ('-' = the model's own); the flag may "
+                   "also be repeated")
     p.add_argument("--baseline", metavar="MODEL", help="baseline model (default: the first MODEL)")
     p.add_argument("--baseline-spec", metavar="JSON", help="model description of a --baseline not in MODELs")
-    p.add_argument("--backend", action="append", default=[], metavar="NAME",
-                   help=f"backend ({', '.join(available_backends())}); once for all or once per model; "
-                   "default by file extension")
+    p.add_argument("--backend", action="extend", nargs="+", default=[], choices=tuple(BACKENDS), metavar="NAME",
+                   help="backend: " + "; ".join(f"{k} = {v}" for k, v in BACKENDS.items())
+                   + ". One for all, or one per model in order; default by file extension")
     p.add_argument("--limit", type=int, metavar="N", help="evaluate the first N images (by id) only")
     p.add_argument("--providers", metavar="LIST",
                    help="ONNX Runtime providers, comma separated (cpu, cuda, tensorrt or full names); "
                    "default CUDA when available, else CPU")
     p.add_argument("--threads", type=int, metavar="N", help="intra-op threads per model (default: backend's)")
     p.add_argument("--device", help="torch device (default cuda when available)")
-    p.add_argument("--precision", action="append", default=[], choices=("fp32", "fp16"),
-                   help="torch backend: run the checkpoint in this precision (fp16 on CUDA only); once for "
-                   "all or once per model, so one checkpoint can be compared with itself")
+    p.add_argument("--precision", action="extend", nargs="+", default=[], choices=("fp32", "fp16"),
+                   help="torch backend: run the checkpoint in this precision (fp16 on CUDA only): one for "
+                   "all, or one per model in order, so one checkpoint can be compared with itself")
     p.add_argument("-o", "--out-dir", type=Path, default=Path("eval_report"), metavar="DIR",
                    help="where report.md, report.json and the figures go (default: ./eval_report)")
     p.add_argument("--no-cache", action="store_true", help="always re-run the baseline")
@@ -73,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disagreements", type=int, default=3, metavar="N",
                    help="images to show side by side per model where it disagrees most (default 3)")
     p.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed warm-up calls per model")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--strict", action="store_true",
+                   help="fail on an unreadable image (default: skip it for every model, count it and name it)")
+    add_common_flags(p)
     return p
 
 
@@ -100,6 +105,10 @@ def _labels(paths: Sequence[Path], precisions: Sequence[str | None]) -> list[str
 
 
 def _entries(args: argparse.Namespace) -> tuple[list[ModelEntry], int]:
+    from centernet_edge.runtime.spec import SpecError
+
+    from .evaluate import resolve_model
+
     paths = [Path(m) for m in args.models]
     specs = _per_model(args.model_spec, len(paths), "--model-spec")
     backends = _per_model(args.backend, len(paths), "--backend")
@@ -130,6 +139,8 @@ def _entries(args: argparse.Namespace) -> tuple[list[ModelEntry], int]:
 
 
 def _plots(result: EvaluationResult, out_dir: Path, count: int, min_score: float) -> list[Path]:
+    from .plots import plot_disagreements, plot_per_class_delta, plot_pr_curves, safe_name
+
     base = result.baseline_run
     names = result.dataset.category_names
     curves = {r.entry.label: r.metrics for r in result.runs if r.metrics}
@@ -151,6 +162,12 @@ def _plots(result: EvaluationResult, out_dir: Path, count: int, min_score: float
 
 
 def _save_detections(result: EvaluationResult, out_dir: Path) -> list[Path]:
+    from centernet_edge.runtime.atomic import atomic_write_text
+
+    from .coco_eval import to_coco_results
+    from .dataset import model_category_ids
+    from .plots import safe_name
+
     written = []
     for run in result.runs:
         assert run.entry.spec is not None
@@ -162,6 +179,16 @@ def _save_detections(result: EvaluationResult, out_dir: Path) -> list[Path]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate as the arguments say, write the outputs, and return the report dict."""
+    from centernet_edge.runtime.atomic import staged_dir
+    from centernet_edge.runtime.cli_common import check_output_dir
+    from centernet_edge.runtime.runners import RunnerOptions
+
+    from .cache import ResultCache, default_cache_dir
+    from .dataset import load_coco_dataset
+    from .evaluate import evaluate_models
+    from .report import build_report, write_report
+
+    out_dir = check_output_dir(args.out_dir)
     dataset = load_coco_dataset(args.ann, args.images, args.limit)
     entries, baseline = _entries(args)
     options = RunnerOptions(
@@ -171,29 +198,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cache = None if args.no_cache else ResultCache(args.cache_dir or default_cache_dir())
     result = evaluate_models(
         entries, dataset, baseline, options, cache=cache, limit=args.limit, progress=not args.quiet,
-        agreement_min_score=args.agreement_score, warmup=args.warmup,
+        agreement_min_score=args.agreement_score, warmup=args.warmup, strict=args.strict,
     )
     report = build_report(result)
-    out_dir = Path(args.out_dir)
-    written = list(write_report(report, out_dir))
-    if not args.no_plots:
-        written += _plots(result, out_dir, args.disagreements, args.agreement_score)
-    if args.save_detections:
-        written += _save_detections(result, out_dir)
+    with staged_dir(out_dir) as stage:
+        written = list(write_report(report, stage))
+        if not args.no_plots:
+            written += _plots(result, stage, args.disagreements, args.agreement_score)
+        if args.save_detections:
+            written += _save_detections(result, stage)
     report["written"] = [p.name for p in written]
     return report
 
 
 def _user_error(exc: Exception) -> bool:
     """Errors about the user's files and options: reported in one line, not as a traceback."""
-    known: tuple[type[Exception], ...] = (DatasetError, SpecError, RunnerError, FileNotFoundError)
-    checkpoints = sys.modules.get("centernet_edge.export.checkpoints")  # only loaded when a .pth was given
-    if checkpoints is not None:
-        known += (checkpoints.CheckpointError,)
+    from centernet_edge.runtime.cli_common import OutputError
+    from centernet_edge.runtime.images import UnreadableImageError
+    from centernet_edge.runtime.runners import RunnerError
+    from centernet_edge.runtime.spec import SpecError
+
+    from .dataset import DatasetError
+
+    known = (DatasetError, SpecError, RunnerError, OutputError, UnreadableImageError, FileNotFoundError)
     return isinstance(exc, known)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: Sequence[str] | None) -> int:
+    from .report import render_markdown
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -205,9 +238,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    print(render_markdown(report).split("\n## ")[0].rstrip())
-    print(f"\nwrote {', '.join(report['written'])} to {args.out_dir}")
+    if not args.quiet:
+        print(render_markdown(report).split("\n## ")[0].rstrip())
+        print()
+    skipped = report["dataset"]["skipped_images"]
+    if skipped["skipped"]:
+        print(f"{PROG}: warning: {skipped['line']} (left out of the scores)", file=sys.stderr)
+    print(f"wrote {', '.join(report['written'])} to {args.out_dir}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from centernet_edge.runtime.images import ReadReport, read_bgr
 from centernet_edge.runtime.spec import ModelSpec
 
 __all__ = ["CocoDataset", "DatasetError", "check_model_classes", "load_coco_dataset", "model_category_ids"]
@@ -49,17 +50,17 @@ class CocoDataset:
     def image_path(self, image_id: int) -> Path:
         return self.images_dir / self.coco.imgs[image_id]["file_name"]
 
-    def load_image(self, image_id: int) -> np.ndarray:
-        import cv2
-
-        path = self.image_path(image_id)
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if image is None:
-            raise DatasetError(f"cannot decode image {path.name} (image id {image_id})")
-        return image
+    def load_image(self, image_id: int, report: ReadReport | None = None) -> np.ndarray | None:
+        """The image as ``cv2.imread`` gives it, or ``None`` when unreadable (noted in ``report``; a strict
+        report raises). Read by the same reader as calibration and export verification."""
+        return read_bgr(self.image_path(image_id), report, self.coco.imgs[image_id]["file_name"])
 
 
 def _read_json(ann_path: Path) -> dict[str, Any]:
+    if ann_path.is_dir():
+        found = sorted(p.name for p in ann_path.glob("*.json"))[:3]
+        hint = f" (it holds {', '.join(found)})" if found else ""
+        raise DatasetError(f"--ann {ann_path} is a directory; pass the COCO instances .json file inside it{hint}")
     try:
         data = json.loads(ann_path.read_bytes())
     except FileNotFoundError:
@@ -128,6 +129,9 @@ def load_coco_dataset(ann_path: str | Path, images_dir: str | Path, limit: int |
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
         coco.createIndex()
     image_ids = sorted(coco.imgs)[:limit] if limit else sorted(coco.imgs)
+    if not coco.getAnnIds(imgIds=image_ids):
+        which = f"the first {len(image_ids)} image(s) of {ann_path.name} have" if limit else f"{ann_path.name} has"
+        raise DatasetError(f"{which} no annotations: no ground truth to score against")
     paths = [images_dir / coco.imgs[i]["file_name"] for i in image_ids]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:

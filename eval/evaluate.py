@@ -16,20 +16,16 @@ from typing import Any
 import numpy as np
 
 from centernet_edge.runtime.detections import Detections
-from centernet_edge.runtime.runners import (
-    Runner,
-    RunnerOptions,
-    StageTimes,
-    backend_for_path,
-    create_runner,
-    runner_info,
-)
+from centernet_edge.runtime.hashing import file_sha256
+from centernet_edge.runtime.images import ReadReport
+from centernet_edge.runtime.runners import Runner, RunnerOptions, StageTimes, runner_info
 from centernet_edge.runtime.spec import ModelSpec, SpecError, load_spec
 
+from . import backends
 from .agreement import AgreementAccumulator, AgreementStats, heatmap_probabilities
-from .cache import CachedRun, ResultCache, cache_key, file_sha256
+from .cache import CachedRun, ResultCache, cache_key
 from .coco_eval import MAX_DETS, CocoMetrics, evaluate_coco, to_coco_results
-from .dataset import CocoDataset, check_model_classes, model_category_ids
+from .dataset import CocoDataset, DatasetError, check_model_classes, model_category_ids
 
 __all__ = [
     "EvaluationResult",
@@ -100,7 +96,7 @@ def resolve_model(
     path = Path(model_path)
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
-    backend = backend or backend_for_path(path)
+    backend = backend or backends.default_backend(path)
     spec: ModelSpec | None = None
     if description is not None or path.suffix.lower() == ".onnx":
         try:
@@ -109,11 +105,10 @@ def resolve_model(
             raise
         except Exception as exc:  # protobuf decode errors and the like: not an ONNX file at all
             raise SpecError(f"cannot read {path.name} as ONNX: {exc}") from exc
+    elif backend == "trt":
+        spec = backends.spec_for_engine(path)
     elif backend == "torch":
-        from centernet_edge.export.checkpoints import inspect_checkpoint
-        from centernet_edge.runtime.runners import checkpoint_spec
-
-        spec = checkpoint_spec(inspect_checkpoint(path))
+        spec = backends.spec_for_checkpoint(path)
     return ModelEntry(label, path, spec, backend, file_sha256(path))
 
 
@@ -174,6 +169,8 @@ class EvaluationResult:
     baseline: int
     agreements: dict[str, AgreementAccumulator]
     options: dict[str, Any]
+    reads: ReadReport = field(default_factory=ReadReport)  # images skipped as unreadable, with reasons
+    image_ids: list[int] = field(default_factory=list)  # the images scored (the readable ones)
 
     @property
     def baseline_run(self) -> ModelRun:
@@ -199,12 +196,18 @@ def evaluate_models(
     agreement_min_score: float = 0.3,
     warmup: int = 1,
     runner_factory: Callable[[ModelEntry, RunnerOptions], Runner] | None = None,
+    strict: bool = False,
 ) -> EvaluationResult:
-    """Run every model over ``dataset`` (baseline restored from ``cache`` when possible) and score them."""
+    """Run every model over ``dataset`` (baseline restored from ``cache`` when possible) and score them.
+
+    Unreadable images are skipped for every model and left out of the scoring (named in
+    ``EvaluationResult.reads``); ``strict`` raises at the first one instead. Boxes are clipped to their
+    image before anything is compared or scored.
+    """
     from tqdm import tqdm
 
     options = options or RunnerOptions()
-    factory = runner_factory or (lambda e, o: create_runner(e.backend, e.model_path, e.spec, o))
+    factory = runner_factory or (lambda e, o: backends.open_runner(e.backend, e.model_path, e.spec, o))
     cached: CachedRun | None = None
     key = None
     base_entry = entries[baseline]
@@ -222,7 +225,8 @@ def evaluate_models(
     for i, entry in enumerate(entries):
         if i == baseline and cached is not None:
             info = cached.meta.get("runner", {})
-            runs.append(ModelRun(entry, info, cached.detections, cached.timings, cached=True))
+            # Accuracy only: a latency measured in another session is not comparable with fresh ones.
+            runs.append(ModelRun(entry, info, cached.detections, [], cached=True))
             continue
         fp16 = entry.fp16 or options.fp16
         runner = factory(entry, dataclasses.replace(options, keep_raw=keep_raw, fp16=fp16))
@@ -232,8 +236,13 @@ def evaluate_models(
         runners[i] = runner
         runs.append(ModelRun(entry, runner_info(runner), {}, []))
 
-    if warmup and runners and dataset.image_ids:
-        first = dataset.load_image(dataset.image_ids[0])
+    first = next((img for i in dataset.image_ids if (img := dataset.load_image(i)) is not None), None)
+    if first is None:
+        reads = ReadReport()
+        for image_id in dataset.image_ids:
+            dataset.load_image(image_id, reads)
+        raise DatasetError(f"none of the {len(dataset.image_ids)} image(s) could be read: {reads.skip_line()}")
+    if warmup and runners:
         for runner in runners.values():
             for _ in range(warmup):  # first calls pay for lazy allocation and kernel selection
                 runner.run([first])
@@ -241,11 +250,16 @@ def evaluate_models(
     agreements = {run.entry.label: AgreementAccumulator(agreement_iou, agreement_min_score)
                   for i, run in enumerate(runs) if i != baseline}
     desc = f"evaluating {len(entries)} model(s)"
+    reads = ReadReport(strict=strict)
+    scored: list[int] = []
     for image_id in tqdm(dataset.image_ids, desc=desc, unit="img", disable=not progress):
-        image = dataset.load_image(image_id)
+        image = dataset.load_image(image_id, reads)
+        if image is None:
+            continue
+        scored.append(image_id)
         heat: dict[int, np.ndarray | None] = {}
         for i, runner in runners.items():
-            runs[i].detections[image_id] = runner.run([image])[0]
+            runs[i].detections[image_id] = runner.run([image])[0].clipped(*image.shape[:2])
             runs[i].timings.append(runner.last_timing)  # type: ignore[arg-type]
             raw = getattr(runner, "raw_outputs", None)
             heat[i] = heatmap_probabilities(raw["heatmap"], runner.spec) if raw and "heatmap" in raw else None
@@ -254,18 +268,21 @@ def evaluate_models(
             if i != baseline:
                 agreements[run.entry.label].add(image_id, base_dets, run.detections[image_id],
                                                 heat.get(baseline), heat.get(i))
+    for runner in runners.values():
+        runner.close()
 
     note = "" if cached is None else "baseline restored from cache: no heatmap comparison (use --no-cache)"
     for i, run in enumerate(runs):
-        results = to_coco_results(run.detections, model_category_ids(run.entry.spec))
-        run.metrics = evaluate_coco(dataset.coco, results, dataset.image_ids)
+        detections = {image_id: run.detections[image_id] for image_id in scored}
+        results = to_coco_results(detections, model_category_ids(run.entry.spec))
+        run.metrics = evaluate_coco(dataset.coco, results, scored)
         if i != baseline:
             run.agreement = agreements[run.entry.label].result(note)
 
     if cache is not None and key is not None and cached is None:
         base = runs[baseline]
-        cache.store(key, CachedRun(base.detections, base.timings,
-                                   {"runner": base.runner_info, "model": base.entry.model_path.name}))
+        cache.store(key, CachedRun(base.detections, {"runner": base.runner_info,
+                                                     "model": base.entry.model_path.name}))
     opts = {"providers": options.providers, "threads": options.threads, "warmup": warmup, "limit": limit,
             "agreement_iou": agreement_iou, "agreement_min_score": agreement_min_score}
-    return EvaluationResult(dataset, runs, baseline, agreements, opts)
+    return EvaluationResult(dataset, runs, baseline, agreements, opts, reads, scored)

@@ -38,7 +38,8 @@ _FEW_IMAGES = 500
 
 
 def format_pct(value: float | None) -> str:
-    return "—" if value is None else f"{value:.1f}"
+    """A percentage; ``n/a`` where COCO has nothing to score (e.g. AP_L without large ground truth)."""
+    return "n/a" if value is None else f"{value:.1f}"
 
 
 def format_delta(value: float | None, mismatch: bool = False) -> str:
@@ -80,12 +81,12 @@ class ReportRow:
     providers: list[str]
     precision: str
     is_baseline: bool
-    stats: dict[str, float]  # all 12 COCO stats, percent
-    ap: float
-    ap50: float
-    ap_small: float
-    ap_medium: float
-    ap_large: float
+    stats: dict[str, float | None]  # all 12 COCO stats, percent (None: no ground truth of that kind)
+    ap: float | None
+    ap50: float | None
+    ap_small: float | None
+    ap_medium: float | None
+    ap_large: float | None
     delta_ap: float | None
     delta_ap50: float | None
     protocol: dict[str, Any]
@@ -105,19 +106,28 @@ class ReportRow:
         return not self.protocol_mismatch
 
 
+def _percent(stats: dict[str, float]) -> dict[str, float | None]:
+    # pycocotools writes -1 where there is no ground truth of that kind (e.g. no large objects).
+    return {k: v * 100.0 if v >= 0 else None for k, v in stats.items()}
+
+
+def _difference(value: float | None, base: float | None) -> float | None:
+    return None if value is None or base is None else value - base
+
+
 def _row(run: ModelRun, base: ModelRun | None) -> ReportRow:
     assert run.metrics is not None and run.entry.spec is not None
     spec = run.entry.spec
-    stats = {k: v * 100.0 for k, v in run.metrics.stats.items()}
+    stats = _percent(run.metrics.stats)
     protocol = protocol_of(spec)
     mismatch: list[str] = []
     delta_ap = delta_ap50 = None
     if base is not None:
         assert base.metrics is not None and base.entry.spec is not None
-        base_stats = {k: v * 100.0 for k, v in base.metrics.stats.items()}
+        base_stats = _percent(base.metrics.stats)
         # Difference of the reported percentages, so it equals what two separate reports would give.
-        delta_ap = stats["AP"] - base_stats["AP"]
-        delta_ap50 = stats["AP50"] - base_stats["AP50"]
+        delta_ap = _difference(stats["AP"], base_stats["AP"])
+        delta_ap50 = _difference(stats["AP50"], base_stats["AP50"])
         mismatch = protocol_differences(protocol, protocol_of(base.entry.spec))
     latency = run.latency
     precision = str(run.runner_info.get("precision") or run.entry.precision)
@@ -176,7 +186,9 @@ def build_report(result: EvaluationResult) -> dict[str, Any]:
         "toolkit_version": toolkit_version(),
         "dataset": {
             "annotations": dataset.ann_path.name,
-            "images": len(dataset.image_ids),
+            "images": len(result.image_ids or dataset.image_ids),
+            "listed_images": len(dataset.image_ids),
+            "skipped_images": result.reads.as_dict() | {"line": result.reads.skip_line()},
             "categories": len(dataset.category_ids),
             "fingerprint": dataset.fingerprint,
         },
@@ -187,7 +199,8 @@ def build_report(result: EvaluationResult) -> dict[str, Any]:
             "max_detections_per_image": 100,
             "score_rounding": None,
             "box_format": "xywh, original image pixels",
-            "latency": "per image, batch 1, wall clock, after warm-up",
+            "latency": "per image, batch 1, wall clock, after warm-up; a baseline restored from the cache is "
+                       "not timed (only its accuracy is cached)",
             **{k: v for k, v in result.options.items()},
         },
         "category_names": {str(k): v for k, v in dataset.category_names.items()},
@@ -201,21 +214,22 @@ def build_report(result: EvaluationResult) -> dict[str, Any]:
 
 def _latency_cells(latency: dict[str, Any] | None, cached: bool) -> list[str]:
     if not latency:
-        return ["—", "—", "—"]
+        return ["cached: not timed" if cached else "—", "—", "—"]
     med, p90 = latency["median_ms"], latency["p90_ms"]
-    tag = " (cached)" if cached else ""
     return [
-        f"{med['total']:.1f} ({med['pre']:.1f}/{med['infer']:.1f}/{med['post']:.1f}){tag}",
+        f"{med['total']:.1f} ({med['pre']:.1f}/{med['infer']:.1f}/{med['post']:.1f})",
         f"{p90['total']:.1f}",
         f"{latency['throughput_ips']:.1f}",
     ]
 
 
-def _flops_cell(row: dict[str, Any]) -> str:
-    # Exporters often count multiply-accumulates; label them as such instead of doubling silently.
-    if row.get("flops") is None and row.get("macs") is not None:
-        return _format_count(row["macs"], " MAC")
-    return _format_count(row.get("flops"), "")
+def _macs_cell(row: dict[str, Any]) -> str:
+    # The exporter counts multiply-accumulates; a spec that only states FLOPs keeps that unit, spelled out.
+    if row.get("macs") is not None:
+        return _format_count(row["macs"], "")
+    if row.get("flops") is not None:
+        return _format_count(row["flops"], " FLOPs")
+    return "—"
 
 
 def _providers(row: dict[str, Any]) -> str:
@@ -242,7 +256,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     header = ["Model", "Backend", "Precision", "AP", "AP50", "ΔAP", "ΔAP50", "AP_S", "AP_M", "AP_L",
-              "Params", "FLOPs", "Input", "Latency ms median (pre/infer/post)", "p90 ms", "img/s"]
+              "Params", "MACs", "Input", "Latency ms median (pre/infer/post)", "p90 ms", "img/s"]
     body = []
     for row in rows:
         name = f"{row['model']} (baseline)" if row["is_baseline"] else row["model"]
@@ -251,7 +265,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             name, _providers(row), row["precision"], format_pct(row["ap"]), format_pct(row["ap50"]),
             format_delta(row["delta_ap"], mismatch), format_delta(row["delta_ap50"], mismatch),
             format_pct(row["ap_small"]), format_pct(row["ap_medium"]), format_pct(row["ap_large"]),
-            _format_count(row["params"], ""), _flops_cell(row), row["input"],
+            _format_count(row["params"], ""), _macs_cell(row), row["input"],
             *_latency_cells(row["latency"], row["cached"]),
         ])
     out += _table(header, body)
@@ -300,6 +314,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     else:
         out.append("- Every row shares the baseline's protocol: deltas are model/precision/backend effects.")
     notes = [w for r in rows for w in r["warnings"]]
+    skipped = data.get("skipped_images") or {}
+    if skipped.get("skipped"):
+        notes.append(f"{skipped['line']}; they are left out of every row's scores (--strict fails instead)")
     notes += [f"{r['model']}: {r['agreement']['note']}" for r in others if (r["agreement"] or {}).get("note")]
     if notes:
         out += ["", "## Notes", ""] + [f"- {n}" for n in notes]

@@ -358,9 +358,24 @@ def extract_state_dict(obj: Any, where: str = "checkpoint") -> RawCheckpoint:
         raise CheckpointError(
             f"{where}: state_dict entries that are not tensors: {', '.join(map(str, bad[:4]))}"
         )
+    _refuse_non_finite(state, where)
     prefixed = all(str(k).startswith("module.") for k in state)
     tensors = {(k[len("module.") :] if prefixed else k): v for k, v in state.items()}
     return RawCheckpoint(tensors, container, prefixed, epoch, class_names)
+
+
+def _refuse_non_finite(state: Mapping[str, torch.Tensor], where: str) -> None:
+    """NaN/Inf weights would only surface minutes later as a failed verification: refuse them at load."""
+    bad = [(k, v) for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if not bad:
+        return
+    name, tensor = bad[0]
+    nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+    more = f" (and {len(bad) - 1} more tensor(s))" if len(bad) > 1 else ""
+    raise CheckpointError(
+        f"{where}: tensor '{name}' holds {nan} NaN and {inf} Inf value(s) of {tensor.numel()}{more}; "
+        "the weights are corrupt (a diverged training run or a damaged file)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------

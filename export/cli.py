@@ -5,8 +5,10 @@
     centernet-export model.pth -o m.onnx --preprocess none --no-decode   # plain network + sigmoid
 
 The file is only written after ONNX Runtime reproduced the PyTorch reference on the verification
-images (``--no-verify`` skips that, ``--keep-unverified`` writes even when it fails). Exit codes: 0 ok,
-1 verification failed, 2 bad arguments or checkpoint, 130 interrupted.
+images (``--no-verify`` skips that, ``--keep-unverified`` writes even when it fails). The output location
+is checked before any work; unreadable files among ``--verify-images`` are skipped and named (``--strict``
+fails instead). Exit codes: 0 ok, 1 verification failed, 2 bad arguments, checkpoint or output, 130
+interrupted (nothing written).
 """
 
 from __future__ import annotations
@@ -15,11 +17,15 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from centernet_edge.runtime.spec import GRAPH_PREPROCESS, SpecError
+from centernet_edge.runtime.cli_common import QUIET_HELP, add_common_flags
+from centernet_edge.runtime.spec import GRAPH_PREPROCESS
 
-from .onnx_export import MAX_OPSET, MAX_TOPK, MIN_OPSET, ExportError, ExportOptions, ExportResult
+if TYPE_CHECKING:
+    from .onnx_export import ExportOptions
 
+# Torch, ONNX and the exporter are imported inside main(), so Ctrl-C while they load is one line too.
 __all__ = ["build_parser", "main"]
 
 PROG = "centernet-export"
@@ -49,6 +55,8 @@ def _batch(value: str) -> int | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .onnx_export import MAX_OPSET, MAX_TOPK, MIN_OPSET
+
     p = _Parser(prog=PROG, description="Export a CenterNet checkpoint (official or mmdetection) to ONNX with "
                 "pre-processing and decode in the graph, verified against the PyTorch reference.")
     p.add_argument("checkpoint", type=Path, help=".pth file (architecture and source are detected)")
@@ -79,17 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--verify-count", type=int, default=3, help="at most this many images (default 3)")
     v.add_argument("--no-verify", action="store_true", help="skip verification")
     v.add_argument("--keep-unverified", action="store_true", help="write the file even if verification fails")
+    v.add_argument("--strict", action="store_true",
+                   help="fail on an unreadable file in --verify-images (default: skip it, count it and name it)")
     v.add_argument("--head-tol", type=float, default=1e-3, help="max head error (default 1e-3)")
     v.add_argument("--score-tol", type=float, default=1e-3, help="max score error of matched detections")
     v.add_argument("--box-tol", type=float, default=1.0, help="max box error of matched detections, pixels")
     v.add_argument("--min-matched", type=float, default=0.97,
                    help="min fraction of reference detections matched (default 0.97)")
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch and ONNX Runtime")
-    p.add_argument("-q", "--quiet", action="store_true", help="print only errors and the verdict")
+    add_common_flags(p, QUIET_HELP)
     return p
 
 
 def _options(args: argparse.Namespace) -> ExportOptions:
+    from .onnx_export import ExportError, ExportOptions
+
     size = None
     if args.input_size is not None:
         if len(args.input_size) > 2:
@@ -104,13 +116,23 @@ def _options(args: argparse.Namespace) -> ExportOptions:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .pipeline import export_verified
+    from centernet_edge.runtime.images import ReadReport
+
+    from .onnx_export import ExportResult
+    from .pipeline import check_export_paths, export_verified
     from .trt_ops import check_trt_compatibility
-    from .verify import Tolerances
+    from .verify import Tolerances, load_images
 
     say = (lambda *a: None) if args.quiet else print  # noqa: E731
     options = _options(args).validate()
-    output = args.output or Path(args.checkpoint.stem + ".onnx")
+    output = check_export_paths(args.checkpoint, args.output or Path(args.checkpoint.stem + ".onnx"))
+    images = None
+    if not args.no_verify and args.verify_images is not None:
+        reads = ReadReport(strict=args.strict)
+        images = load_images(args.verify_images, args.verify_count, reads)
+        if reads.skipped:
+            print(f"{PROG}: warning: {reads.skip_line()} (--strict fails instead)", file=sys.stderr)
+
     start = time.perf_counter()
 
     def exported(result: ExportResult) -> None:
@@ -124,7 +146,7 @@ def _run(args: argparse.Namespace) -> int:
                             min_matched=args.min_matched)
     run = export_verified(
         args.checkpoint, output, arch=args.arch, num_classes=args.num_classes, options=options,
-        verify=not args.no_verify, verify_images=args.verify_images, verify_count=args.verify_count,
+        verify=not args.no_verify, verify_images=images, verify_count=args.verify_count,
         tolerances=tolerances, keep_unverified=args.keep_unverified, threads=args.threads,
         on_exported=exported,
     )
@@ -136,14 +158,20 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     inp = run.spec.graph.input
     outs = ", ".join(f"{i.name} {i.dtype} {i.shape}" for i in run.spec.graph.outputs.values())
+    if args.quiet:
+        print(f"wrote {output}")
     say(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB): input {inp.name} {inp.dtype} {inp.shape}; "
         f"output {outs}")
     return 0 if run.report is None or run.report.passed else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 ok, 1 verification failed, 2 usage/input error)."""
+def _main(argv: list[str] | None) -> int:
+    from centernet_edge.runtime.cli_common import OutputError
+    from centernet_edge.runtime.images import UnreadableImageError
+    from centernet_edge.runtime.spec import SpecError
+
     from .checkpoints import CheckpointError
+    from .onnx_export import ExportError
 
     parser = build_parser()
     try:
@@ -152,9 +180,16 @@ def main(argv: list[str] | None = None) -> int:
     except _UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    except (ExportError, CheckpointError, SpecError, FileNotFoundError) as exc:
+    except (ExportError, CheckpointError, SpecError, OutputError, UnreadableImageError,
+            FileNotFoundError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (0 ok, 1 verification failed, 2 usage/input error, 130 Ctrl-C)."""
+    try:
+        return _main(argv)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
         return 130

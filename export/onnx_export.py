@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from centernet_edge.runtime.atomic import atomic_path
+from centernet_edge.runtime.onnx_graph import constants_to_initializers, drop_outputs, fold_identities
 from centernet_edge.runtime.spec import (
     COCO_CATEGORY_IDS,
     COCO_CLASS_NAMES,
@@ -32,8 +33,8 @@ from centernet_edge.runtime.spec import (
     toolkit_version,
 )
 
-from .graph import ExportGraph
 from .optimize import optimize_graph
+from .torch_ops import ExportGraph
 
 __all__ = [
     "ExportError",
@@ -221,27 +222,6 @@ def build_spec(
 # ---- ONNX post-processing ------------------------------------------------------------------------------
 
 
-def _constants_to_initializers(model: onnx.ModelProto) -> None:
-    """Turn ``Constant`` nodes into initializers.
-
-    TensorRT's TopK needs K as an initializer, and static shapes/axes are easier for every parser to
-    see that way. Names are the constants' output names, which are unique in the graph.
-    """
-    graph = model.graph
-    kept = []
-    for node in graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1 \
-                and node.attribute[0].name == "value":
-            tensor = onnx.TensorProto()
-            tensor.CopyFrom(node.attribute[0].t)
-            tensor.name = node.output[0]
-            graph.initializer.append(tensor)
-        else:
-            kept.append(node)
-    del graph.node[:]
-    graph.node.extend(kept)
-
-
 def expose_heads(model: onnx.ModelProto) -> bytes:
     """The serialized graph with its internal ``heatmap``/``wh``/``reg`` tensors as extra outputs.
 
@@ -258,29 +238,6 @@ def expose_heads(model: onnx.ModelProto) -> bytes:
         return model.SerializeToString()
     finally:
         del graph.output[len(graph.output) - len(added):]
-
-
-def _fold_identities(model: onnx.ModelProto) -> None:
-    """Bypass ``Identity`` nodes the exporter adds when it de-duplicates equal initializers."""
-    graph = model.graph
-    outputs = {o.name for o in graph.output}
-    rename = {n.output[0]: n.input[0] for n in graph.node
-              if n.op_type == "Identity" and n.output[0] not in outputs}
-    if not rename:
-        return
-
-    def resolve(name: str) -> str:
-        while name in rename:
-            name = rename[name]
-        return name
-
-    kept = [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in rename)]
-    for node in kept:
-        for i, name in enumerate(node.input):
-            if name in rename:
-                node.input[i] = resolve(name)
-    del graph.node[:]
-    graph.node.extend(kept)
 
 
 def _set_io_shapes(model: onnx.ModelProto, spec: ModelSpec) -> None:
@@ -301,12 +258,6 @@ def _set_io_shapes(model: onnx.ModelProto, spec: ModelSpec) -> None:
             else:
                 dim.Clear()
                 dim.dim_param = want
-
-
-def _drop_outputs(model: onnx.ModelProto, names: tuple[str, ...]) -> None:
-    kept = [o for o in model.graph.output if o.name not in names]
-    del model.graph.output[:]
-    model.graph.output.extend(kept)
 
 
 def _trace(module: nn.Module, example: torch.Tensor, options: ExportOptions, input_name: str,
@@ -366,14 +317,14 @@ def export_onnx(model: nn.Module, spec: ModelSpec, options: ExportOptions, input
     for name in names:
         dynamic[name] = {**batch_axis, **(head_axes if name in HEAD_NAMES else {})}
     onnx_model = _trace(module, _example_input(options, input_multiple), options, input_name, names, dynamic)
-    _constants_to_initializers(onnx_model)
-    _fold_identities(onnx_model)
+    constants_to_initializers(onnx_model)
+    fold_identities(onnx_model)
     if options.optimize:
         applied = optimize_graph(onnx_model)
         # The artifact says which rewrites changed it: downstream tools (quantization) see their nodes.
         spec.provenance["graph_rewrites"] = {name: count for name, count in applied.items() if count}
     if options.decode:
-        _drop_outputs(onnx_model, HEAD_NAMES)
+        drop_outputs(onnx_model, HEAD_NAMES)
     _set_io_shapes(onnx_model, spec)
     onnx_model.producer_name = "centernet-edge"
     onnx_model.producer_version = toolkit_version()

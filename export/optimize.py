@@ -34,6 +34,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from centernet_edge.runtime.onnx_graph import attributes, remove_dead_nodes, replace_nodes, unique_name
+
 __all__ = ["DEFAULT_REWRITES", "REWRITES", "deconv_to_conv", "fold_batchnorm", "fuse_sibling_convs",
            "optimize_graph"]
 
@@ -58,11 +60,7 @@ class _Graph:
         return None if init is None else numpy_helper.to_array(init)
 
     def fresh(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.names:
-            name, i = f"{base}_{i}", i + 1
-        self.names.add(name)
-        return name
+        return unique_name(base, self.names)
 
     def add_init(self, base: str, value: np.ndarray, dtype: type = np.float32) -> str:
         # Always a new initializer: the exporter de-duplicates equal tensors, so the original one may be
@@ -81,38 +79,8 @@ class _Graph:
         return None
 
 
-def _attrs(node: onnx.NodeProto) -> dict[str, object]:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
 def _auto_pad_notset(attrs: dict[str, object]) -> bool:
     return attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
-
-
-def _replace_nodes(graph: onnx.GraphProto, replaced: dict[int, list[onnx.NodeProto]], removed: set[int]) -> None:
-    """Rebuild the node list: node ``i`` becomes ``replaced[i]``; nodes in ``removed`` disappear."""
-    nodes = []
-    for node in graph.node:
-        key = id(node)
-        if key in replaced:
-            nodes.extend(replaced[key])
-        elif key not in removed:
-            nodes.append(node)
-    del graph.node[:]
-    graph.node.extend(nodes)
-
-
-def _drop_unused(model: onnx.ModelProto) -> None:
-    """Remove initializers and value_info entries that no node reads or writes any more."""
-    graph = model.graph
-    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    produced = {name for node in graph.node for name in node.output} | {i.name for i in graph.input}
-    kept = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    infos = [v for v in graph.value_info if v.name in produced]
-    del graph.value_info[:]
-    graph.value_info.extend(infos)
 
 
 # ---- BatchNormalization folding ------------------------------------------------------------------------
@@ -127,7 +95,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> int:
         if node.op_type not in ("Conv", "ConvTranspose") or len(node.input) < 2:
             continue
         bn = g.sole_consumer(node.output[0], "BatchNormalization")
-        if bn is None or len(bn.output) != 1 or _attrs(bn).get("training_mode", 0):
+        if bn is None or len(bn.output) != 1 or attributes(bn).get("training_mode", 0):
             continue
         params = [g.const(name) for name in bn.input[1:5]]
         weight = g.const(node.input[1])
@@ -135,9 +103,9 @@ def fold_batchnorm(model: onnx.ModelProto) -> int:
         if weight is None or any(p is None for p in params) or (len(node.input) > 2 and node.input[2]
                                                                  and bias is None):
             continue
-        attrs = _attrs(node)
+        attrs = attributes(node)
         gamma, beta, mean, var = (p.astype(np.float64) for p in params)
-        factor = gamma / np.sqrt(var + float(_attrs(bn).get("epsilon", 1e-5)))
+        factor = gamma / np.sqrt(var + float(attributes(bn).get("epsilon", 1e-5)))
         if node.op_type == "Conv":
             scaled = weight * factor.reshape(-1, *[1] * (weight.ndim - 1))
         else:
@@ -154,8 +122,8 @@ def fold_batchnorm(model: onnx.ModelProto) -> int:
         folded.attribute.extend(node.attribute)
         replaced[id(node)] = [folded]
         removed.add(id(bn))
-    _replace_nodes(g.graph, replaced, removed)
-    _drop_unused(model)
+    replace_nodes(g.graph, replaced, removed)
+    remove_dead_nodes(model)
     return len(replaced)
 
 
@@ -186,7 +154,7 @@ def _interleave_weight(channels: int, strides: list[int]) -> np.ndarray:
 
 def _deconv_plan(g: _Graph, node: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray, list[int], list[int]] | None:
     """(weight, bias, strides, pads) for a ConvTranspose the rewrite handles, else None."""
-    attrs = _attrs(node)
+    attrs = attributes(node)
     weight = g.const(node.input[1]) if len(node.input) > 1 else None
     if weight is None or weight.ndim != 4:
         return None
@@ -237,8 +205,8 @@ def deconv_to_conv(model: onnx.ModelProto) -> int:
             [result], name=g.fresh(f"{base}_interleave"), kernel_shape=strides, strides=strides, pads=pads,
             group=c_out))
         replaced[id(node)] = new_nodes
-    _replace_nodes(g.graph, replaced, removed)
-    _drop_unused(model)
+    replace_nodes(g.graph, replaced, removed)
+    remove_dead_nodes(model)
     return len(replaced)
 
 
@@ -246,7 +214,7 @@ def deconv_to_conv(model: onnx.ModelProto) -> int:
 
 
 def _conv_key(g: _Graph, node: onnx.NodeProto) -> tuple | None:
-    attrs = _attrs(node)
+    attrs = attributes(node)
     weight = g.const(node.input[1]) if len(node.input) > 1 else None
     has_bias = len(node.input) > 2 and bool(node.input[2])
     if (weight is None or (has_bias and g.const(node.input[2]) is None) or int(attrs.get("group", 1)) != 1
@@ -294,8 +262,8 @@ def fuse_sibling_convs(model: onnx.ModelProto) -> int:
         new_nodes.append(helper.make_node("Split", [fused, sizes], outputs, name=g.fresh(f"{base}_split"), axis=1))
         replaced[id(first)] = new_nodes
         removed.update(id(n) for n in members[1:])
-    _replace_nodes(g.graph, replaced, removed)
-    _drop_unused(model)
+    replace_nodes(g.graph, replaced, removed)
+    remove_dead_nodes(model)
     return sum(len(v) >= 2 for v in groups.values())
 
 

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from .verify import Tolerances, VerifyReport
 
-__all__ = ["ExportRun", "VerificationFailed", "export", "export_verified"]
+__all__ = ["ExportRun", "VerificationFailed", "check_export_paths", "export", "export_verified"]
 
 VerifyImages = str | Path | Sequence[np.ndarray] | Sequence[tuple[str, np.ndarray]]
 
@@ -55,6 +55,19 @@ class VerificationFailed(ExportError):
     def __init__(self, message: str, run: ExportRun) -> None:
         super().__init__(message)
         self.run = run
+
+
+def check_export_paths(checkpoint: str | Path, output: str | Path) -> Path:
+    """Everything about the files that can be refused before the checkpoint is loaded; returns ``output``."""
+    from centernet_edge.runtime.cli_common import check_output_file
+
+    checkpoint = Path(checkpoint)
+    target = check_output_file(output)
+    if checkpoint.is_dir():
+        raise ExportError(f"checkpoint {checkpoint} is a directory; pass the .pth file inside it")
+    if not checkpoint.is_file():
+        raise ExportError(f"checkpoint not found: {checkpoint}")
+    return target
 
 
 def _verify_images(images: VerifyImages | None, count: int) -> list[tuple[str, np.ndarray]]:
@@ -100,13 +113,9 @@ def export_verified(
     from .verify import verify_export
 
     options = (options or ExportOptions()).validate()
-    checkpoint, output = Path(checkpoint), Path(output)
+    checkpoint, output = Path(checkpoint), check_export_paths(checkpoint, output)
     if verify_count < 1:
-        raise ExportError(f"--verify-count must be >= 1; got {verify_count}")
-    if not output.parent.exists() and str(output.parent):
-        raise ExportError(f"output directory does not exist: {output.parent}")
-    if not checkpoint.is_file():
-        raise ExportError(f"checkpoint not found: {checkpoint}")
+        raise ExportError(f"verify_count must be >= 1; got {verify_count}")
     images = _verify_images(verify_images, verify_count) if verify else []
     if threads:
         torch.set_num_threads(threads)
@@ -120,7 +129,10 @@ def export_verified(
                                threads=threads)
     run = ExportRun(result.model, result.spec, report, None)
     if report is None or report.passed or keep_unverified:
-        run.path = save_onnx(result.model, output)
+        try:
+            run.path = save_onnx(result.model, output)
+        except OSError as exc:
+            raise ExportError(f"cannot write {output}: {exc.strerror or exc}") from None
     return run
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
+
+from centernet_edge.runtime.onnx_graph import attribute, constants, tensor_types
 
 __all__ = ["TRT_MAX_TOPK", "TRT_OPSET_RANGE", "TRT_SUPPORTED_OPS", "TrtIssue", "assert_trt_compatible",
            "check_trt_compatibility"]
@@ -63,58 +64,6 @@ class TrtIssue:
         return f"{self.op_type} node {self.node!r}: {self.message}"
 
 
-def _attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
-def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
-    found = {init.name: init for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            value = _attr(node, "value")
-            if isinstance(value, onnx.TensorProto):
-                found[node.output[0]] = value
-    return found
-
-
-def _without_weights(model: onnx.ModelProto, keep_elements: int = 4096) -> onnx.ModelProto:
-    """A copy for shape inference whose large initializers became typed graph inputs.
-
-    Copying hourglass_104 whole would duplicate 760 MB of weights; small constants (shapes, axes, K) keep
-    their values because inference propagates them.
-    """
-    light = onnx.ModelProto()
-    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
-        setattr(light, name, getattr(model, name))
-    light.opset_import.extend(model.opset_import)
-    graph = light.graph
-    graph.name = model.graph.name
-    graph.node.extend(model.graph.node)
-    graph.input.extend(model.graph.input)
-    graph.output.extend(model.graph.output)
-    for init in model.graph.initializer:
-        if int(np.prod(init.dims)) <= keep_elements:
-            graph.initializer.append(init)
-        else:
-            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    return light
-
-
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(_without_weights(model))
-    except Exception:  # a graph shape inference cannot handle is reported by the op checks instead
-        inferred = model
-    graph = inferred.graph
-    types = {v.name: v.type.tensor_type.elem_type
-             for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
-    types.update({init.name: init.data_type for init in model.graph.initializer})
-    return types
-
-
 def check_trt_compatibility(model: onnx.ModelProto, *, allow_bool: bool = False) -> list[TrtIssue]:
     """Every documented reason the TensorRT (10.x) ONNX parser would reject ``model``; empty when none."""
     issues: list[TrtIssue] = []
@@ -123,8 +72,8 @@ def check_trt_compatibility(model: onnx.ModelProto, *, allow_bool: bool = False)
         if opset.domain in ("", "ai.onnx") and not TRT_OPSET_RANGE[0] <= opset.version <= TRT_OPSET_RANGE[1]:
             issues.append(TrtIssue("<model>", "opset", f"opset {opset.version} is outside TensorRT's "
                                    f"{TRT_OPSET_RANGE[0]}..{TRT_OPSET_RANGE[1]}"))
-    constants = _constants(graph)
-    types = _elem_types(model)
+    known = constants(graph)
+    types = tensor_types(model)
     boundary = {v.name for v in list(graph.input) + list(graph.output)}
     for node in graph.node:
         name = node.name or (node.output[0] if node.output else "?")
@@ -140,37 +89,37 @@ def check_trt_compatibility(model: onnx.ModelProto, *, allow_bool: bool = False)
             bad("not supported by the TensorRT ONNX parser")
             continue
         idx = _CONSTANT_INPUTS.get(op)
-        if idx is not None and len(node.input) > idx and node.input[idx] and node.input[idx] not in constants:
+        if idx is not None and len(node.input) > idx and node.input[idx] and node.input[idx] not in known:
             bad(f"input {idx} ({node.input[idx]!r}) must be a build-time constant")
         if op == "TopK":
-            k = constants.get(node.input[1]) if len(node.input) > 1 else None
+            k = known.get(node.input[1]) if len(node.input) > 1 else None
             if k is not None and int(numpy_helper.to_array(k).reshape(-1)[0]) > TRT_MAX_TOPK:
                 bad(f"K={int(numpy_helper.to_array(k).reshape(-1)[0])} must be < 3840")
-            if _attr(node, "sorted", 1) != 1:
+            if attribute(node, "sorted", 1) != 1:
                 bad("sorted must be 1")
         elif op == "MaxPool":
             if len([o for o in node.output if o]) > 1:
                 bad("the Indices output is not supported")
-            if any(d != 1 for d in (_attr(node, "dilations") or [])):
+            if any(d != 1 for d in (attribute(node, "dilations") or [])):
                 bad("dilations must be 1")
         elif op == "DeformConv":
-            pads = list(_attr(node, "pads") or [])
+            pads = list(attribute(node, "pads") or [])
             half = len(pads) // 2
             if pads and pads[:half] != pads[half:]:
                 bad(f"pads {pads} must be equal at the beginning and end of each axis")
-            kernel = _attr(node, "kernel_shape")
+            kernel = attribute(node, "kernel_shape")
             if kernel is not None and len(kernel) > 2:
                 bad("only 1-D or 2-D deformable convolution is supported")
         elif op == "Resize":
-            mode = _attr(node, "coordinate_transformation_mode", b"half_pixel")
+            mode = attribute(node, "coordinate_transformation_mode", b"half_pixel")
             mode = mode.decode() if isinstance(mode, bytes) else mode
             if mode not in _RESIZE_COORD_MODES:
                 bad(f"coordinate_transformation_mode {mode!r} is not supported")
-            interp = _attr(node, "mode", b"nearest")
+            interp = attribute(node, "mode", b"nearest")
             interp = interp.decode() if isinstance(interp, bytes) else interp
             if interp not in ("nearest", "linear"):
                 bad(f"mode {interp!r} is not supported")
-            if _attr(node, "antialias", 0):
+            if attribute(node, "antialias", 0):
                 bad("antialiasing is not supported")
         elif op == "Dropout" and len(node.input) > 2 and node.input[2]:
             bad("is_training must be absent (inference graph)")

@@ -13,18 +13,21 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
-from centernet_edge.runtime.detections import Detections
+from centernet_edge.export.torch_reference import ReferenceDetector
+from centernet_edge.runtime.detections import Detections, box_iou
+from centernet_edge.runtime.images import ReadReport, list_images, read_bgr
+from centernet_edge.runtime.onnx_session import create_session
 from centernet_edge.runtime.postprocess import finalize
 from centernet_edge.runtime.preprocess import prepare_batch
-from centernet_edge.runtime.reference import ReferenceDetector
+from centernet_edge.runtime.runners import run_by_role
 from centernet_edge.runtime.spec import ModelSpec
 
 from .onnx_export import HEAD_NAMES, expose_heads
@@ -32,7 +35,6 @@ from .onnx_export import HEAD_NAMES, expose_heads
 __all__ = ["ImageCheck", "Tolerances", "VerifyReport", "load_images", "synthetic_images", "verify_export",
            "match_detections"]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 @dataclass(frozen=True)
@@ -119,36 +121,30 @@ def synthetic_images(count: int = 3, seed: int = 0,
     return images
 
 
-def load_images(directory: str | Path, limit: int | None = None) -> list[tuple[str, np.ndarray]]:
-    """BGR images from a folder (sorted by name), at most ``limit``."""
+def load_images(directory: str | Path, limit: int | None = None,
+                report: ReadReport | None = None) -> list[tuple[str, np.ndarray]]:
+    """The first ``limit`` readable BGR images of a folder (sorted by name), read by the tools' one reader.
+
+    Unreadable files are skipped and noted in ``report`` (a strict report raises instead).
+    """
     folder = Path(directory)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder does not exist: {folder}")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if limit is not None:
-        paths = paths[:limit]
+    report = report if report is not None else ReadReport()
     images = []
-    for path in paths:
-        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if img is None:
-            raise ValueError(f"cannot read image {path.name}")
-        images.append((path.name, img))
+    for path in list_images(folder):
+        if limit is not None and len(images) >= limit:
+            break
+        img = read_bgr(path, report, path.name)
+        if img is not None:
+            images.append((path.name, img))
     if not images:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+        found = f" ({report.skip_line()})" if report.skipped else ""
+        raise FileNotFoundError(f"no readable images in {folder}{found}")
     return images
 
 
 # ---- comparison -----------------------------------------------------------------------------------------
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of one box against many (xyxy)."""
-    ix = np.clip(np.minimum(a[2], b[:, 2]) - np.maximum(a[0], b[:, 0]), 0, None)
-    iy = np.clip(np.minimum(a[3], b[:, 3]) - np.maximum(a[1], b[:, 1]), 0, None)
-    inter = ix * iy
-    area = lambda x: np.clip(x[..., 2] - x[..., 0], 0, None) * np.clip(x[..., 3] - x[..., 1], 0, None)  # noqa: E731
-    union = area(a) + area(b) - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
 def match_detections(ref: Detections, got: Detections, iou: float = 0.9, box_px: float = 1.0,
@@ -173,7 +169,7 @@ def match_detections(ref: Detections, got: Detections, iou: float = 0.9, box_px:
             continue
         idx = np.flatnonzero(cand)
         diff = np.abs(got.boxes[idx] - ref.boxes[i]).max(axis=1)
-        ious = _iou(ref.boxes[i], got.boxes[idx])
+        ious = box_iou(ref.boxes[i], got.boxes[idx])[0]
         ok = (ious >= iou) | (diff <= box_px)
         if not ok.any():
             matched += int(ref.scores[i] <= floor)
@@ -200,31 +196,10 @@ def _reference_spec(spec: ModelSpec) -> ModelSpec:
     return ref
 
 
-def _session(data: bytes, threads: int | None) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-
-
-def _graph_input(images: list[np.ndarray], spec: ModelSpec) -> tuple[np.ndarray, list]:
-    batch, geoms = prepare_batch(images, spec)
-    fixed = spec.graph.batch
-    if fixed is not None and len(batch) != fixed:
-        # A fixed-batch graph: fill the batch by repeating the images; extra results are ignored.
-        reps = -(-fixed // len(batch))
-        batch = np.concatenate([batch] * reps)[:fixed]
-    return batch, geoms
-
-
-def _run(session: ort.InferenceSession, spec: ModelSpec, images: list[np.ndarray]
+def _run(session: Any, spec: ModelSpec, images: list[np.ndarray]
          ) -> tuple[dict[str, np.ndarray], list[Detections]]:
-    batch, geoms = _graph_input(images, spec)
-    names = [o.name for o in session.get_outputs()]
-    values = session.run(None, {session.get_inputs()[0].name: batch})
-    outputs = {n: v[: len(images)] for n, v in zip(names, values, strict=True)}
-    roles = {info.name: role for role, info in spec.graph.outputs.items()}
-    by_role = {roles.get(n, n): v for n, v in outputs.items()}
+    batch, geoms = prepare_batch(images, spec)
+    by_role = run_by_role(session, spec, batch)
     return by_role, finalize(by_role, spec, geoms)
 
 
@@ -238,7 +213,7 @@ def verify_export(
 ) -> VerifyReport:
     """Run ``model`` (the ONNX about to be written) and the PyTorch reference on ``images``; compare."""
     tol = tolerances or Tolerances()
-    session = _session(expose_heads(model), threads)
+    session = create_session(expose_heads(model), threads=threads)
     reference = ReferenceDetector(torch_model.eval(), _reference_spec(spec))
     checks: list[ImageCheck] = []
     failures: list[str] = []

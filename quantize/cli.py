@@ -8,7 +8,9 @@ Example::
 Writes into ``-o``: calibration.cache (TensorRT <= 10), summary.json (hashes, method, per-tensor amax),
 model_int8_qdq.onnx (TensorRT explicit quantization), model_int8_cpu.onnx (ONNX Runtime CPU),
 model_fp16.onnx, sensitivity.json/.md and precision.json. An existing cache made from another model,
-image set or method is refused unless ``--force``.
+image set or method is refused unless ``--force``. The run is written into a temporary folder beside
+``-o`` and moved into place at the end: a failed or interrupted run (Ctrl-C: one line, exit 130) leaves
+``-o`` as it was.
 """
 
 from __future__ import annotations
@@ -19,16 +21,23 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .mixed import DEFAULT_BUDGET
-from .pipeline import ARTIFACTS, METHOD_CHOICES, CalibrateOptions, calibrate
-from .trt_cache import DEFAULT_TRT_VERSION, StaleCacheError
+from centernet_edge.runtime.cli_common import OneLineParser, add_common_flags
 
+if TYPE_CHECKING:
+    from .pipeline import CalibrateResult
+
+# ONNX, ONNX Runtime and the pipeline are imported inside main(), so Ctrl-C while they load is one line.
 __all__ = ["build_parser", "main"]
 
+PROG = "centernet-calibrate"
 _EPILOG = """outputs (in -o): calibration.cache, summary.json, timings.json, model_int8_qdq.onnx (TensorRT),
-model_int8_cpu.onnx (ONNX Runtime CPU), model_fp16.onnx, sensitivity.json/.md, precision.json.
-exit codes: 0 ok, 2 bad input, 3 an existing cache was made from another model/images/method."""
+model_int8_cpu.onnx (ONNX Runtime CPU), model_fp16.onnx, sensitivity.json/.md and precision.json (only
+with mixed precision, i.e. a --budget).
+unreadable calibration images are skipped, counted and named in summary.json (--strict fails instead).
+exit codes: 0 ok, 2 bad input (one line on stderr, nothing written), 3 an existing cache was made from
+another model/images/method, 130 interrupted (nothing written)."""
 
 
 def _budget(text: str) -> float | None:
@@ -58,8 +67,12 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="centernet-calibrate",
+    from .mixed import DEFAULT_BUDGET
+    from .pipeline import METHOD_CHOICES
+    from .trt_cache import DEFAULT_TRT_VERSION
+
+    p = OneLineParser(
+        prog=PROG,
         description="Calibrate a CenterNet ONNX model without a GPU; write int8/fp16 deployment artifacts.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_EPILOG,
@@ -77,12 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true", help="write the fp16 model (default: int8 and fp16)")
     p.add_argument("--method", choices=METHOD_CHOICES, default="auto",
                    help="activation range method; 'auto' (default) picks the one whose all-int8 model drifts "
-                        "least from fp32 on calibration images")
+                        "least from fp32 on calibration images; 'downstream' picks per tensor the range whose "
+                        "int8 rounding changes the reading layer's output least")
+    p.add_argument("--range-images", type=_positive, default=4,
+                   help="calibration images replayed by --method downstream (default: %(default)s)")
+    p.add_argument("--layer-report-images", type=int, default=2,
+                   help="images for layer_error.json/.md, the per-layer int8-vs-fp32 comparison; 0 skips it "
+                        "(default: %(default)s)")
     p.add_argument("--percentile", type=float, default=99.99,
                    help="percentile for --method percentile (default: %(default)s)")
     p.add_argument("--budget", type=_budget, default=DEFAULT_BUDGET,
                    help="mixed precision: max head error (1 - score-weighted detection agreement with fp32 "
-                        "on calibration images; default %(default)s); 'none' quantizes every eligible layer")
+                        "on calibration images; default %(default)s); 'none' quantizes every eligible layer "
+                        "and skips the sensitivity analysis")
     p.add_argument("--max-float", type=int, help="at most this many layers kept float")
     p.add_argument("--cpu-float", choices=("none", "mixed"), default="none",
                    help="layers kept float in model_int8_cpu.onnx: none (fastest) or the mixed-precision set")
@@ -106,11 +126,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out-dir", type=Path, default=Path("calibration"),
                    help="output folder (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="recalibrate over an existing (stale) cache")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or step messages")
+    p.add_argument("--strict", action="store_true",
+                   help="fail on an unreadable calibration image (default: skip it, count it and name it)")
+    add_common_flags(p)
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _report(result: CalibrateResult, quiet: bool) -> None:
+    from .pipeline import ARTIFACTS
+
+    print(f"wrote {len(result.written)} file(s) to {result.out_dir}" + ("" if quiet else ":"))
+    if quiet:
+        return
+    order = {name: i for i, name in enumerate(ARTIFACTS.values())}
+    for name in sorted(result.written, key=lambda n: (order.get(n, len(order)), n)):
+        print(f"  {name}")
+    print(f"calibration.cache: {result.header_note}")
+    if result.mixed is not None:
+        m = result.mixed
+        print(f"int8 (TensorRT Q/DQ): method {result.method}, {len(m.float_layers)} layer(s) kept float, "
+              f"head error {m.error.head_error:.4f} (budget {m.budget})")
+    if result.cpu_int8 is not None:
+        c = result.cpu_int8
+        print(f"int8 (ONNX Runtime CPU): {c['float_layers']} layer(s) kept float, head error {c['head_error']:.4f}")
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    from .pipeline import CalibrateOptions, calibrate
+    from .trt_cache import StaleCacheError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     both = not (args.int8 or args.fp16)
@@ -121,31 +165,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         budget=args.budget, max_float=args.max_float, sensitivity_images=args.sensitivity_images,
         cpu_float=args.cpu_float, cpu_format=args.cpu_format, cpu_float_heads=args.cpu_float_heads,
         trt_version=args.trt_version, force=args.force, threads=args.threads, workers=args.workers,
-        batch_size=args.batch_size,
-        stats_cache=args.stats_cache, progress=not args.quiet,
+        batch_size=args.batch_size, range_images=args.range_images,
+        layer_report_images=args.layer_report_images,
+        stats_cache=args.stats_cache, progress=not args.quiet, strict=args.strict,
     )
     try:
         result = calibrate(options)
     except StaleCacheError as exc:
-        print(f"centernet-calibrate: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 3
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        print(f"centernet-calibrate: error: {exc}", file=sys.stderr)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    if not args.quiet:
-        print(f"wrote {len(result.artifacts)} artifact(s) to {result.out_dir}:")
-        for key in ARTIFACTS:
-            if key in result.artifacts:
-                print(f"  {result.artifacts[key].name}")
-        if result.mixed is not None:
-            m = result.mixed
-            print(f"int8 (TensorRT Q/DQ): method {result.method}, {len(m.float_layers)} layer(s) kept float, "
-                  f"head error {m.error.head_error:.4f} (budget {m.budget})")
-        if result.cpu_int8 is not None:
-            c = result.cpu_int8
-            print(f"int8 (ONNX Runtime CPU): {c['float_layers']} layer(s) kept float, "
-                  f"head error {c['head_error']:.4f}")
+    _report(result, args.quiet)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

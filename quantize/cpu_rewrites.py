@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .graph import constant_array, consumers, initializers, producers, unique_name
+from centernet_edge.runtime.onnx_graph import constant_array, consumers, initializers, producers, unique_name
 
 __all__ = [
     "DEPTHWISE_CHANNEL_BLOCK",

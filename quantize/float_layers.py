@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import default_opset, initializers, producers, unique_name
+from centernet_edge.runtime.onnx_graph import default_opset, initializers, producers, unique_name
 
 __all__ = ["shield_float_layers"]
 

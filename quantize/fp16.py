@@ -23,7 +23,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .graph import consumers, initializers, tensor_types, topological_sort, unique_name
+from centernet_edge.runtime.onnx_graph import consumers, initializers, tensor_types, topological_sort, unique_name
+
 from .placement import GraphRegions, graph_regions
 
 __all__ = ["FP16_OPS", "KEEP_FP32_OPS", "convert_fp16", "fp16_nodes", "simulate_fp16"]

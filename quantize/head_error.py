@@ -21,14 +21,17 @@ from typing import Any, TypeVar
 import numpy as np
 import onnx
 
-from centernet_edge.runtime.detections import Detections
+from centernet_edge.runtime.decode import local_max_mask
+from centernet_edge.runtime.detections import Detections, box_iou
 from centernet_edge.runtime.geometry import InputGeometry
+from centernet_edge.runtime.onnx_session import create_session
 from centernet_edge.runtime.postprocess import finalize, heatmap_probabilities
+from centernet_edge.runtime.runners import run_by_role
 from centernet_edge.runtime.spec import ModelSpec
 
 from .parallel import map_ordered
 
-__all__ = ["HeadError", "HeadProbe", "detection_agreement", "peak_indices", "session_for"]
+__all__ = ["HeadError", "HeadProbe", "detection_agreement", "peak_indices"]
 
 R = TypeVar("R")
 
@@ -47,43 +50,6 @@ class HeadError:
 
     def to_dict(self) -> dict[str, float | int | None]:
         return asdict(self)
-
-
-def session_for(model: onnx.ModelProto | bytes | str, threads: int = 1,
-                providers: Sequence[str] | None = None, mem_pattern: bool = True) -> Any:
-    """An ORT CPU session (fixed thread count so measurements compare) for a proto, bytes or path.
-
-    ``mem_pattern=False`` suits sessions run off the main thread (see :mod:`parallel`): there ONNX
-    Runtime's planned block was measured to be freshly mapped on every run (~30 MB of page faults, tens
-    of ms of system time for mb3). It only decides where intermediate tensors live, not what is
-    computed."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = int(threads)
-    options.inter_op_num_threads = 1
-    options.enable_mem_pattern = mem_pattern
-    options.log_severity_level = 3
-    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    return ort.InferenceSession(data, options, providers=list(providers or ["CPUExecutionProvider"]))
-
-
-def _local_max_mask(heat: np.ndarray, kernel: int) -> np.ndarray:
-    """heat == maxpool(heat) over a kernel x kernel window (ties survive, as in CenterNet's _nms).
-
-    The window maximum is taken along rows, then along columns, by shifted in-place maxima (cells past
-    the border are simply left out, as -inf padding would leave them): max is exact and separable, so
-    this is the same mask in 4 (kernel // 2) passes instead of kernel**2 over a padded copy."""
-    pad = kernel // 2
-    rows = heat.copy()
-    for d in range(1, pad + 1):
-        np.maximum(rows[:, :, d:], heat[:, :, :-d], out=rows[:, :, d:])
-        np.maximum(rows[:, :, :-d], heat[:, :, d:], out=rows[:, :, :-d])
-    hmax = rows.copy()
-    for d in range(1, pad + 1):
-        np.maximum(hmax[:, d:], rows[:, :-d], out=hmax[:, d:])
-        np.maximum(hmax[:, :-d], rows[:, d:], out=hmax[:, :-d])
-    return heat == hmax
 
 
 def _clear_top_peaks(heat: np.ndarray, mask: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -105,7 +71,7 @@ def _clear_top_peaks(heat: np.ndarray, mask: np.ndarray, k: int) -> tuple[np.nda
 
 def peak_indices(heat_chw: np.ndarray, k: int, kernel: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """Flat (class-major) indices and scores of the top-``k`` local maxima of one (C, H, W) heatmap."""
-    mask = _local_max_mask(heat_chw, kernel)
+    mask = local_max_mask(heat_chw, kernel)
     # The local maxima are a few percent of the heatmap; selecting among them alone skips a partition
     # of the whole map when the answer cannot differ.
     clear = _clear_top_peaks(heat_chw, mask, min(k, heat_chw.size))
@@ -135,15 +101,8 @@ def detection_agreement(base: Detections, other: Detections) -> float:
     if len(other) == 0:
         return 0.0
     b, o = _canonical(base.boxes), _canonical(other.boxes)
-    lt = np.maximum(b[:, None, :2], o[None, :, :2])
-    rb = np.minimum(b[:, None, 2:], o[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
-    area_b = (b[:, 2:] - b[:, :2]).prod(-1)
-    area_o = (o[:, 2:] - o[:, :2]).prod(-1)
-    union = area_b[:, None] + area_o[None, :] - inter
     # Degenerate (zero-area) boxes match only themselves; they occur with untrained or clipped heads.
-    same = np.all(b[:, None, :] == o[None, :, :], axis=-1)
-    iou = np.where(union > 0, inter / np.where(union > 0, union, 1.0), same.astype(np.float64))
+    iou = box_iou(b, o, identical_degenerate=True)
     sb, so = base.scores.astype(np.float64)[:, None], other.scores.astype(np.float64)[None, :]
     hi = np.maximum(sb, so)
     ratio = np.where(hi > 0, np.minimum(sb, so) / np.where(hi > 0, hi, 1.0), 1.0)
@@ -175,7 +134,7 @@ class HeadProbe:
         self.batches = list(batches)
         self.threads = threads
         self.workers = workers  # batches run at once (see parallel); the numbers do not depend on it
-        self.roles = dict(spec.graph.outputs.items())
+        self.fetch = {role: info.name for role, info in spec.graph.outputs.items()}
         self._reference: list[_ImageRef] | None = None
         self._offsets = np.cumsum([0] + [len(g) for _, g in self.batches[:-1]]).tolist()
 
@@ -183,10 +142,9 @@ class HeadProbe:
     def images(self) -> int:
         return sum(len(g) for _, g in self.batches)
 
-    def _batch_refs(self, session: Any, names: list[str], index: int) -> list[_ImageRef]:
+    def _batch_refs(self, session: Any, index: int) -> list[_ImageRef]:
         x, geoms = self.batches[index]
-        values = session.run(names, {self.spec.graph.input.name: x})
-        by_role = {role: v[: len(geoms)] for role, v in zip(self.roles, values, strict=True)}
+        by_role = run_by_role(session, self.spec, x, self.fetch)
         dets = finalize(by_role, self.spec, geoms)
         if "heatmap" not in by_role:
             return [_ImageRef(det, None, None, None) for det in dets]
@@ -206,13 +164,12 @@ class HeadProbe:
         to numbers there and never pile up."""
         count = len(self.batches)
         groups = max(1, min(workers or self.workers, count))
-        names = [info.name for info in self.roles.values()]
         data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
 
         def task(group: int) -> list[R]:
-            session = session_for(data, self.threads, mem_pattern=False)
+            session = create_session(data, threads=self.threads, mem_pattern=False)
             indices = range(group * count // groups, (group + 1) * count // groups)
-            return [fn(index, self._batch_refs(session, names, index)) for index in indices]
+            return [fn(index, self._batch_refs(session, index)) for index in indices]
 
         return [r for part in map_ordered(task, range(groups), groups) for r in part]
 

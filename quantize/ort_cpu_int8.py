@@ -33,9 +33,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from centernet_edge.runtime.onnx_graph import remove_dead_nodes, topological_sort
+
 from .cpu_rewrites import fold_constant_scaling, image_convolutions, pad_depthwise_channels
 from .float_layers import shield_float_layers
-from .graph import remove_dead_nodes, topological_sort
 from .placement import GraphRegions, graph_regions
 from .quantized_peaks import mask_peaks_on_quantized_logits, pool_quantized_logits
 

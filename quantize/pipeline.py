@@ -19,28 +19,32 @@ import numpy as np
 import onnx
 
 from centernet_edge.calib_data.batches import effective_batch_size
-from centernet_edge.calib_data.images import read_bgr
-from centernet_edge.calib_data.provenance import file_sha256
 from centernet_edge.calib_data.sources import CalibrationSet, load_calibration_set
-from centernet_edge.runtime.atomic import atomic_write_text
+from centernet_edge.runtime.atomic import atomic_write_text, staged_dir
+from centernet_edge.runtime.cli_common import check_output_dir
+from centernet_edge.runtime.hashing import file_sha256
+from centernet_edge.runtime.images import UnreadableImageError, read_bgr
+from centernet_edge.runtime.onnx_graph import ensure_node_names
 from centernet_edge.runtime.preprocess import prepare_batch
 from centernet_edge.runtime.spec import ModelSpec, load_spec
 
-from .artifacts import derived_spec, save_model
+from .artifacts import derived_spec, save_model, sidecar_path
 from .fp16 import convert_fp16
-from .graph import ensure_node_names
 from .head_error import HeadProbe
+from .layer_error import compare_tensors, write_layer_errors
 from .mixed import DEFAULT_BUDGET, MixedResult, search_mixed_precision, write_precision
 from .ort_cpu_int8 import CpuInt8Config, build_ort_cpu_int8_with_report, ort_ranges
 from .parallel import default_workers
 from .placement import Placement, plan_placement
 from .qdq import build_qdq_model
+from .range_search import search_ranges
 from .sensitivity import layer_sensitivity, write_sensitivity
 from .stats import CalibrationStats, collect_calibration_stats
 from .tensors import calibration_tensors
 from .thresholds import METHODS, compute_amaxes
 from .trt_cache import (
     DEFAULT_TRT_VERSION,
+    cache_header_note,
     calibration_summary,
     check_reusable,
     read_summary,
@@ -50,7 +54,7 @@ from .trt_cache import (
     write_summary,
 )
 
-__all__ = ["ARTIFACTS", "CalibrateOptions", "CalibrateResult", "calibrate"]
+__all__ = ["ARTIFACTS", "INT8_ARTIFACTS", "CalibrateOptions", "CalibrateResult", "calibrate"]
 
 log = logging.getLogger("centernet_edge.quantize")
 
@@ -64,8 +68,20 @@ ARTIFACTS = {
     "precision": "precision.json",
     "summary": "summary.json",
     "timings": "timings.json",
+    "layer_error_json": "layer_error.json",
+    "layer_error_md": "layer_error.md",
 }
-METHOD_CHOICES = (*METHODS, "auto")
+# "downstream": per tensor, the histogram candidate whose int8 round trip changes the reading layer's
+# output least (quantize/range_search.py).
+DOWNSTREAM = "downstream"
+METHOD_CHOICES = (*METHODS, DOWNSTREAM, "auto")
+# Candidate ranges the downstream search chooses from, per tensor.
+DOWNSTREAM_CANDIDATES: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("percentile", {"percentile": 99.99}), ("percentile_99.9", {"percentile": 99.9}),
+    ("percentile_99.999", {"percentile": 99.999}), ("mse", {}), ("entropy", {}), ("minmax", {}),
+)
+INT8_ARTIFACTS = ("qdq", "cpu", "sensitivity_json", "sensitivity_md", "precision", "layer_error_json",
+                  "layer_error_md")
 
 
 @dataclass
@@ -93,7 +109,10 @@ class CalibrateOptions:
     workers: int | None = None  # ONNX Runtime runs at once (default: cores / threads); results do not depend on it
     batch_size: int | None = None
     stats_cache: Path | None = None  # keep/reuse the activation statistics (.npz) here
+    range_images: int = 4  # calibration images replayed by --method downstream
+    layer_report_images: int = 2  # images of the per-layer int8-vs-fp32 comparison; 0 = no layer_error.*
     progress: bool = True
+    strict: bool = False  # an unreadable calibration image fails the run instead of being skipped
 
 
 @dataclass
@@ -107,6 +126,8 @@ class CalibrateResult:
     reused_cache: bool = False
     timings: dict[str, float] = field(default_factory=dict)
     cpu_int8: dict[str, Any] | None = None
+    written: list[str] = field(default_factory=list)  # every file this run put into out_dir
+    header_note: str = ""  # which calibrator the cache header names, and where the ranges came from
 
 
 def _say(options: CalibrateOptions, message: str) -> None:
@@ -126,6 +147,22 @@ def _method_options(options: CalibrateOptions, method: str) -> dict[str, Any]:
 
 def _amaxes(stats: CalibrationStats, method: str, options: CalibrateOptions) -> dict[str, float]:
     return compute_amaxes(stats.tensors, method, **_method_options(options, method))
+
+
+def _downstream_amaxes(model: onnx.ModelProto, spec: ModelSpec, placement: Placement, stats: CalibrationStats,
+                       calib: CalibrationSet, options: CalibrateOptions) -> dict[str, float]:
+    """Histogram ranges for every calibrated tensor (percentile), replaced for the quantized layers'
+    inputs by the candidate their readers prefer (see range_search)."""
+    candidates = {label: compute_amaxes(stats.tensors, label.split("_")[0], **opts)
+                  for label, opts in DOWNSTREAM_CANDIDATES}
+    batches = (x for x, _ in _probe_batches(calib, spec, options.range_images))
+    choice = search_ranges(model, placement.layers, candidates, batches, spec.graph.input.name,
+                           threads=options.threads)
+    counts: dict[str, int] = {}
+    for label in choice.chosen.values():
+        counts[label] = counts.get(label, 0) + 1
+    _say(options, "downstream ranges chosen: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    return {**candidates["percentile"], **choice.amax}
 
 
 def _probe_batches(calib: CalibrationSet, spec: ModelSpec, count: int
@@ -161,7 +198,9 @@ def calibrate(options: CalibrateOptions) -> CalibrateResult:
     """Run one calibration (see module docstring) and write the artifacts into ``options.out_dir``.
 
     The TensorRT cache and summary are always written (they are what calibration produces); ``int8`` and
-    ``fp16`` choose which models are written besides them.
+    ``fp16`` choose which models are written besides them. Everything is written into a temporary folder
+    beside ``out_dir`` and moved into place at the end, so a failed or interrupted run leaves ``out_dir``
+    as it was (no empty folder, no cache without its summary).
     """
     if options.method not in METHOD_CHOICES:
         raise ValueError(f"unknown method {options.method!r}; choose one of {', '.join(METHOD_CHOICES)}")
@@ -170,13 +209,33 @@ def calibrate(options: CalibrateOptions) -> CalibrateResult:
     if options.cpu_float not in ("none", "mixed"):
         raise ValueError(f"cpu_float must be 'none' or 'mixed'; got {options.cpu_float!r}")
     model_path = Path(options.model)
+    if model_path.is_dir():
+        raise FileNotFoundError(f"model {model_path} is a directory; pass the .onnx file inside it")
     if not model_path.is_file():
         raise FileNotFoundError(f"model not found: {model_path}")
+    out = check_output_dir(options.out_dir)
+    if options.stats_cache is not None:
+        check_output_dir(options.stats_cache)
     spec = load_spec(model_path, options.model_spec)
+    # Outputs of the kinds this run makes that it did not make this time are stale: removed at the move.
+    stale: set[str] = set()
+    with staged_dir(out, keep=lambda name: name not in stale, last=(ARTIFACTS["summary"],)) as stage:
+        result = _calibrate_into(options, model_path, spec, out, stage)
+        produced = {p.name for p in stage.iterdir()}
+        result.written = sorted(produced)
+        if options.int8:
+            int8_outputs = [ARTIFACTS[k] for k in INT8_ARTIFACTS]
+            stale |= {n for n in int8_outputs + [sidecar_path(n).name for n in int8_outputs if n.endswith(".onnx")]
+                      if n not in produced}
+    result.artifacts = {key: out / path.name for key, path in result.artifacts.items()}
+    return result
+
+
+def _calibrate_into(options: CalibrateOptions, model_path: Path, spec: ModelSpec, out: Path, stage: Path
+                    ) -> CalibrateResult:
     foreign = options.model_spec is not None
-    out = Path(options.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {key: out / name for key, name in ARTIFACTS.items()}
+    final = {key: out / name for key, name in ARTIFACTS.items()}  # an earlier run's, read for reuse
+    paths = {key: stage / name for key, name in ARTIFACTS.items()}  # this run's, moved into place at the end
     trt_version = trt_version_int(options.trt_version)
 
     clock = _Clock()
@@ -187,36 +246,46 @@ def calibrate(options: CalibrateOptions) -> CalibrateResult:
                                  num_images=options.num_images, seed=options.seed)
     _say(options, f"{len(placement.layers)} int8-eligible layers; calibrating on {len(calib)} image(s)")
 
-    reused = check_reusable(paths["cache"], model_sha256=model_sha, dataset_hash=calib.dataset_hash,
+    reused = check_reusable(final["cache"], model_sha256=model_sha, dataset_hash=calib.dataset_hash,
                             method=options.method, method_options=_method_options(options, options.method),
-                            summary_path=paths["summary"], force=options.force)
+                            summary_path=final["summary"], force=options.force)
     stats: CalibrationStats | None = None
     method_errors: dict[str, float] = {}
     probe: HeadProbe | None = None
     if reused:
-        recorded = read_summary(paths["summary"])
+        recorded = read_summary(final["summary"])
         amax = {k: float(v) for k, v in recorded["amax"].items()}
         method = str(recorded.get("selected_method", options.method))
         observed = {k: tuple(v) for k, v in recorded.get("observed_range", {}).items()}
+        reads = dict(recorded.get("image_reads") or {})
         _say(options, f"reusing calibration in {out} (same model, images and method)")
     else:
         tensors = list(dict.fromkeys(calibration_tensors(model, spec) + placement.activation_tensors()))
         stats = collect_calibration_stats(model_path, spec, calib, tensors=tensors,
                                           batch_size=options.batch_size, cache_dir=options.stats_cache,
                                           progress=options.progress, intra_op_num_threads=options.threads,
-                                          workers=_workers(options))
+                                          workers=_workers(options), strict=options.strict)
+        reads = dict(stats.meta.get("read_report") or {})
         observed = {n: (s.min, s.max) for n, s in stats.tensors.items()}
         method = options.method
         if method == "auto":
             probe = _make_probe(model, spec, calib, options)
             method, method_errors = _choose_method(model, placement, stats, probe, options)
             _say(options, f"auto method: {method}")
-        amax = _amaxes(stats, method, options)
+        if method == DOWNSTREAM:
+            amax = _downstream_amaxes(model, spec, placement, stats, calib, options)
+        else:
+            amax = _amaxes(stats, method, options)
+    if options.strict and reads.get("skipped"):
+        first = sorted((reads.get("skip_reasons") or {}).items())[:1]
+        named = f": {first[0][0]} ({first[0][1]})" if first else ""
+        raise UnreadableImageError(f"{reads['skipped']} calibration image(s) could not be read{named} (--strict)")
     # Rewritten even when reused: equal ranges give equal bytes, and --trt-version may have changed.
     write_cache(paths["cache"], amax, method=method, trt_version=trt_version)
     clock.lap("statistics_and_ranges")
 
     result = CalibrateResult(out, method, amax, {"cache": paths["cache"]}, None, method_errors, reused)
+    result.header_note = cache_header_note(method, trt_version)
     provenance = {"calibration_method": method, "calibration_images": len(calib),
                   "calibration_dataset_hash": calib.dataset_hash, "source_model_sha256": model_sha}
 
@@ -226,7 +295,7 @@ def calibrate(options: CalibrateOptions) -> CalibrateResult:
                                           provenance, foreign, method, clock)
         result.mixed = mixed
         result.cpu_int8 = cpu_info
-        for key in ("qdq", "cpu", "sensitivity_json", "sensitivity_md", "precision"):
+        for key in INT8_ARTIFACTS:
             if paths[key].exists():
                 result.artifacts[key] = paths[key]
     if options.fp16:
@@ -238,8 +307,10 @@ def calibrate(options: CalibrateOptions) -> CalibrateResult:
 
     extra = {
         "selected_method": method,
+        "cache_header_note": result.header_note,
         "method_head_errors": method_errors,
         "calibration_set": calib.summary(),
+        "image_reads": reads,
         "model_spec_name": spec.name,
         "observed_range": {k: [float(v[0]), float(v[1])] for k, v in sorted(observed.items())},
         "float_layers": list(result.mixed.float_layers) if result.mixed else [],
@@ -288,15 +359,18 @@ def _int8_artifacts(model: onnx.ModelProto, spec: ModelSpec, placement: Placemen
                     paths: dict[str, Path], provenance: dict[str, Any], foreign: bool, method: str,
                     clock: _Clock) -> tuple[MixedResult, dict[str, Any] | None]:
     meta = {"method": method, "probe_images": probe.images, "layers": len(placement.layers)}
-    _say(options, f"sensitivity of {len(placement.layers)} layers on {probe.images} calibration image(s)")
-    ranking = layer_sensitivity(model, placement.layers, amax, probe, progress=options.progress,
-                                workers=_workers(options))
-    write_sensitivity(ranking, paths["sensitivity_json"], paths["sensitivity_md"], meta)
-    clock.lap("sensitivity")
-    if options.budget is None:
+    if options.budget is None or options.max_float == 0:
+        # No layer may stay float, so a sensitivity ranking would decide nothing: skip its cost.
         all_int8 = probe.measure(build_qdq_model(model, placement.layers, amax))
-        mixed = MixedResult(float("inf"), [], all_int8, [(0, all_int8)], True)
+        budget = float("inf") if options.budget is None else options.budget
+        mixed = MixedResult(budget, [], all_int8, [(0, all_int8)], all_int8.head_error <= budget)
+        clock.lap("sensitivity")
     else:
+        _say(options, f"sensitivity of {len(placement.layers)} layers on {probe.images} calibration image(s)")
+        ranking = layer_sensitivity(model, placement.layers, amax, probe, progress=options.progress,
+                                    workers=_workers(options))
+        write_sensitivity(ranking, paths["sensitivity_json"], paths["sensitivity_md"], meta)
+        clock.lap("sensitivity")
         mixed = search_mixed_precision(model, placement, amax, ranking, probe, options.budget,
                                        options.max_float, progress=lambda m: _say(options, m))
     if not mixed.met_budget:
@@ -312,10 +386,26 @@ def _int8_artifacts(model: onnx.ModelProto, spec: ModelSpec, placement: Placemen
     qdq = build_qdq_model(model, placement.select(mixed.float_layers), amax)
     save_model(qdq, paths["qdq"], derived_spec(spec, precision, {**extra, "int8_format": "qdq-tensorrt"}),
                sidecar=foreign)
+    if options.layer_report_images > 0:
+        _layer_report(model, spec, placement, amax, probe, options, paths, method)
     cpu_info = _cpu_artifact(model, spec, placement, amax, observed, probe, options, paths, provenance,
                              foreign, mixed.float_layers if options.cpu_float == "mixed" else [])
     clock.lap("int8_artifacts")
     return mixed, cpu_info
+
+
+def _layer_report(model: onnx.ModelProto, spec: ModelSpec, placement: Placement, amax: dict[str, float],
+                  probe: HeadProbe, options: CalibrateOptions, paths: dict[str, Path], method: str) -> None:
+    """layer_error.json/.md: every network tensor of the all-int8 Q/DQ model against fp32 (where int8
+    hurts, whatever mixed precision later keeps float)."""
+    count = max(1, options.layer_report_images // max(1, len(probe.batches[0][1])))
+    batches = [x for x, _ in probe.batches[:count]]
+    _say(options, f"per-layer int8-vs-fp32 comparison on {sum(len(g) for _, g in probe.batches[:count])} image(s)")
+    rows = compare_tensors(model, build_qdq_model(model, placement.layers, amax), batches,
+                           spec.graph.input.name, threads=options.threads)
+    meta = {"compared": "all eligible layers int8 (Q/DQ) vs fp32", "method": method,
+            "images": sum(len(g) for _, g in probe.batches[:count])}
+    write_layer_errors(rows, paths["layer_error_json"], paths["layer_error_md"], meta)
 
 
 def _cpu_artifact(model: onnx.ModelProto, spec: ModelSpec, placement: Placement, amax: dict[str, float],
@@ -335,7 +425,6 @@ def _cpu_artifact(model: onnx.ModelProto, spec: ModelSpec, placement: Placement,
             regions=placement.regions)
     except Exception as exc:  # ONNX Runtime's quantizer rejects some graphs; the TensorRT artifacts stand
         log.warning("ONNX Runtime CPU int8 model not written: %s: %s", type(exc).__name__, exc)
-        paths["cpu"].unlink(missing_ok=True)  # never leave a stale one from an earlier run beside new ones
         return None
     error = probe.measure(cpu).head_error
     info = {"float_layers": len(keep_float), "format": options.cpu_format,

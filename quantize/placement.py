@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from .graph import FLOAT_TYPES, consumers, initializers, producers, tensor_types
+from centernet_edge.runtime.onnx_graph import FLOAT_TYPES, consumers, initializers, producers, tensor_types
 
 __all__ = [
     "FLOAT_ONLY_OPS",

@@ -19,7 +19,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import default_opset, initializers, topological_sort, unique_name
+from centernet_edge.runtime.onnx_graph import default_opset, initializers, topological_sort, unique_name
+
 from .placement import QuantLayer
 
 __all__ = ["MIN_QDQ_OPSET", "QdqError", "build_qdq_model", "quantize_weight_per_channel"]

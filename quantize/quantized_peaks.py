@@ -27,7 +27,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .graph import constant_array, initializers, producers, remove_dead_nodes, unique_name
+from centernet_edge.runtime.onnx_graph import constant_array, initializers, producers, remove_dead_nodes, unique_name
+from centernet_edge.runtime.onnx_session import create_session
 
 __all__ = ["DEFAULT_SCORE_FLOOR", "mask_peaks_on_quantized_logits", "pool_quantized_logits"]
 
@@ -253,8 +254,6 @@ def _keeps_level_order(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto], f
 
 
 def _sigmoid_of_levels(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> np.ndarray | None:
-    import onnxruntime as ort
-
     scale = numpy_helper.to_array(inits[dq.input[1]]).reshape(())
     zero_point = (numpy_helper.to_array(inits[dq.input[2]]).reshape(()) if len(dq.input) > 2 and dq.input[2]
                   else np.zeros((), np.uint8))
@@ -269,10 +268,7 @@ def _sigmoid_of_levels(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -
         [numpy_helper.from_array(scale, "scale"), numpy_helper.from_array(zero_point, "zero_point")])
     probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     probe.ir_version = 8
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = create_session(probe, threads=1)
     values = session.run(None, {"q": tiled})[0].reshape(64, levels.size)
     return values[0] if np.all(values == values[0]) else None
 

@@ -33,10 +33,12 @@ import onnx
 from onnx import TensorProto, helper
 
 from centernet_edge.calib_data.batches import effective_batch_size, iter_batches, num_batches
-from centernet_edge.calib_data.images import ReadReport
-from centernet_edge.calib_data.provenance import file_sha256, text_sha256
 from centernet_edge.calib_data.sources import CalibrationSet
 from centernet_edge.runtime.atomic import atomic_path
+from centernet_edge.runtime.hashing import file_sha256, text_sha256
+from centernet_edge.runtime.images import ReadReport
+from centernet_edge.runtime.onnx_graph import prune_to_outputs, tensor_types
+from centernet_edge.runtime.onnx_session import create_session
 from centernet_edge.runtime.spec import ModelSpec
 
 from .parallel import consume, default_workers
@@ -117,50 +119,6 @@ class CalibrationStats:
 # ---- graph surgery --------------------------------------------------------------------------------
 
 
-def _needed_inputs(node: onnx.NodeProto) -> list[str]:
-    names = [i for i in node.input if i]
-    for attr in node.attribute:
-        for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-            for sub in g.node:
-                names.extend(_needed_inputs(sub))
-    return names
-
-
-def prune_to_outputs(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
-    """A copy of ``model`` computing only ``outputs`` (unused nodes, initializers and inputs removed)."""
-    graph = model.graph
-    producer = {o: n for n in graph.node for o in n.output if o}
-    known = {i.name for i in graph.input} | {i.name for i in graph.initializer} | set(producer)
-    missing = [o for o in outputs if o not in known]
-    if missing:
-        raise ValueError(f"tensors not in the graph: {', '.join(missing[:5])}")
-    needed, keep_nodes, stack = set(), set(), list(outputs)
-    while stack:
-        name = stack.pop()
-        if name in needed:
-            continue
-        needed.add(name)
-        node = producer.get(name)
-        if node is not None and id(node) not in keep_nodes:
-            keep_nodes.add(id(node))
-            stack.extend(_needed_inputs(node))
-    pruned = onnx.ModelProto()
-    pruned.CopyFrom(model)
-    g = pruned.graph
-    kept = [n for n in graph.node if id(n) in keep_nodes]
-    del g.node[:]
-    g.node.extend(kept)
-    inits = [i for i in graph.initializer if i.name in needed]
-    del g.initializer[:]
-    g.initializer.extend(inits)
-    inputs = [i for i in graph.input if i.name in needed]
-    del g.input[:]
-    g.input.extend(inputs)
-    del g.output[:]
-    g.output.extend(onnx.ValueInfoProto(name=o) for o in outputs)
-    return pruned
-
-
 def _single_input(model: onnx.ModelProto, input_name: str | None) -> str:
     inits = {i.name for i in model.graph.initializer}
     feeds = [i.name for i in model.graph.input if i.name not in inits]
@@ -171,20 +129,10 @@ def _single_input(model: onnx.ModelProto, input_name: str | None) -> str:
     return feeds[0]
 
 
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception:  # types only decide whether a Cast is needed; a Cast is always safe
-        return {}
-    return {vi.name: vi.type.tensor_type.elem_type
-            for vi in list(inferred.graph.value_info) + list(inferred.graph.input)
-            if vi.type.HasField("tensor_type")}
-
-
 def range_model(model: onnx.ModelProto, tensors: Sequence[str]) -> tuple[onnx.ModelProto, list[str]]:
     """Pass-1 model: for each tensor two scalar outputs, min and max (in that order)."""
     pruned = prune_to_outputs(model, tensors)
-    types = _elem_types(pruned)
+    types = tensor_types(pruned)
     g = pruned.graph
     outputs = []
     for i, name in enumerate(tensors):
@@ -213,20 +161,8 @@ def histogram_model(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.Mode
 
 
 def _session(model: onnx.ModelProto | bytes, threads: int | None, providers: Sequence[str] | None) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3  # pruning leaves nothing unused, but ORT still chats about initializers
-    # Runs happen on worker threads, where ONNX Runtime's planned memory block was measured to be mapped
-    # afresh on every run (page faults costing as much as a third of the run); the plan only decides
-    # where intermediate tensors live, not what is computed.
-    opts.enable_mem_pattern = False
-    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    return ort.InferenceSession(data, opts,
-                                providers=list(providers or ["CPUExecutionProvider"]))
+    # Runs happen on worker threads: see create_session on mem_pattern.
+    return create_session(model, threads=threads, providers=providers, mem_pattern=False)
 
 
 def _progress(iterable: Iterable[Any], total: int | None, desc: str, enabled: bool) -> Iterable[Any]:
@@ -492,13 +428,15 @@ def collect_calibration_stats(
     intra_op_num_threads: int | None = 1,
     providers: Sequence[str] | None = None,
     workers: int | None = None,
+    strict: bool = False,
 ) -> CalibrationStats:
     """Statistics for ``model_path`` over ``calib_set``, fed exactly as deployment feeds it.
 
     ``tensors`` defaults to :func:`calibration_tensors`. With ``cache_dir`` the result is stored as
     ``calib-stats-<key>.npz`` keyed by model sha256, dataset hash, spec, tensors and binning, and reused
     when everything matches, so threshold methods can be compared without re-running the model.
-    ``meta`` records the hashes and the read report (images skipped or converted).
+    ``meta`` records the hashes and the read report (images skipped or converted, every skip with its
+    reason); ``strict`` raises at the first unreadable image instead of skipping it.
     """
     model = onnx.load(str(model_path))
     names = list(tensors) if tensors is not None else calibration_tensors(model, spec)
@@ -514,7 +452,7 @@ def collect_calibration_stats(
             return cached
         log.warning("ignoring %s: it was collected for different inputs", cache_file)
 
-    report = ReadReport()
+    report = ReadReport(strict=strict)
     first_pass = [True]
 
     def batches() -> Iterable[np.ndarray]:

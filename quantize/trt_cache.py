@@ -35,6 +35,7 @@ __all__ = [
     "CalibrationCache",
     "StaleCacheError",
     "amax_to_hex",
+    "cache_header_note",
     "calibration_summary",
     "check_reusable",
     "hex_to_amax",
@@ -55,7 +56,8 @@ ALGORITHMS = ("EntropyCalibration2", "EntropyCalibration", "MinMaxCalibration", 
 # TensorRT has no percentile/MSE calibrator; their ranges are used as-is under the entropy-v2 header,
 # which is what trtexec --calib and Polygraphy's default calibrator expect.
 METHOD_ALGORITHM = {"entropy": "EntropyCalibration2", "minmax": "MinMaxCalibration",
-                    "percentile": "EntropyCalibration2", "mse": "EntropyCalibration2"}
+                    "percentile": "EntropyCalibration2", "mse": "EntropyCalibration2",
+                    "downstream": "EntropyCalibration2"}
 SUMMARY_FORMAT = 1
 _INT8_MAX = 127.0
 _HEADER = re.compile(r"^TRT-(\d+)-([A-Za-z0-9]+)$")
@@ -134,6 +136,16 @@ def render_cache(amaxes: Mapping[str, float], *, method: str = "entropy",
         log.warning("%d tensor name(s) contain ':' (e.g. %r); readers that split at the first ':' "
                     "(ONNX Runtime's TensorRT EP) will misread them", len(colon_names), colon_names[0])
     return "\n".join(lines) + "\n"
+
+
+def cache_header_note(method: str, trt_version: str | int = DEFAULT_TRT_VERSION) -> str:
+    """Say which calibrator the cache header names and where its ranges came from (they can differ)."""
+    algorithm = METHOD_ALGORITHM[method]
+    header = f"TRT-{trt_version_int(trt_version)}-{algorithm}"
+    if algorithm == "EntropyCalibration2" and method != "entropy":
+        return (f"header {header} (TensorRT has no {method} calibrator; its cache reader takes the ranges "
+                f"as written), ranges from {method}")
+    return f"header {header}, ranges from {method}"
 
 
 def write_cache(path: str | os.PathLike[str], amaxes: Mapping[str, float], *, method: str = "entropy",

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 
@@ -61,39 +62,36 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield an empty temporary folder next to ``path``; when the block succeeds its entries move into
-    ``path`` (created if missing, existing entries of the same name replaced).
+def staged_dir(path: str | os.PathLike[str], keep: Callable[[str], bool] | None = None,
+               last: Sequence[str] = ()) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; move what it holds into ``path`` on success.
 
-    If the block raises (KeyboardInterrupt included) the temporary folder and everything in it are removed
-    and ``path`` is untouched. Creating the temporary folder up front also proves the destination writable
-    before any work is done.
+    A run that writes several files either leaves all of them under ``path`` or none: on any failure
+    (KeyboardInterrupt included) the temporary folder is removed and ``path`` is as it was. A missing
+    ``path`` appears by one rename (its missing parents are created only then); an existing one keeps its
+    other files and gets the new ones moved in by name. ``keep(name)`` (optional) is asked, before the
+    move, about each file already in ``path``; those it returns False for are deleted (stale outputs).
+    Files named in ``last`` are moved after the others (e.g. the summary that vouches for them).
     """
-    import shutil
-
     final = Path(path)
-    parent = final.parent if str(final.parent) else Path(".")
-    if not parent.is_dir():
-        raise FileNotFoundError(f"output directory's parent does not exist: {parent}")
-    if final.exists() and not final.is_dir():
-        raise FileExistsError(f"output path exists and is not a directory: {final}")
-    if final.is_dir() and not os.access(final, os.W_OK | os.X_OK):
-        raise PermissionError(f"output directory is not writable: {final}")
+    anchor = final.parent.absolute()
+    while not anchor.exists() and anchor != anchor.parent:
+        anchor = anchor.parent  # same filesystem as the final folder will be, so the move is a rename
+    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=anchor))
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=parent))
-    except PermissionError:
-        raise PermissionError(f"output directory is not writable: {parent}") from None
-    try:
-        yield tmp
+        yield stage
         if not final.exists():
-            os.replace(tmp, final)
             umask = os.umask(0)
             os.umask(umask)
-            os.chmod(final, 0o777 & ~umask)  # mkdtemp makes 0700 folders; give what mkdir would
+            os.chmod(stage, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the folder's mode
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(stage, final)
             return
-        for entry in sorted(tmp.iterdir()):
-            os.replace(entry, final / entry.name)
-        tmp.rmdir()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if keep is not None:
+            for old in final.iterdir():
+                if old.is_file() and not keep(old.name):
+                    old.unlink()
+        for new in sorted(stage.iterdir(), key=lambda p: (p.name in last, p.name)):
+            os.replace(new, final / new.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

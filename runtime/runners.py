@@ -1,15 +1,24 @@
-"""Backend runners: one object per (model, backend) that turns BGR images into detections.
+"""The runner protocol and the ONNX Runtime runner: one object per (model, backend) that turns BGR images
+into detections.
 
-Every runner follows :class:`Runner`: ``run(images) -> list[Detections]`` with the time split into
-pre-processing, inference and post-processing (``last_timing``), and, when asked for with
-``keep_raw``, the raw graph outputs by role (``raw_outputs``) so the evaluator can compare heatmaps.
-Backends plug in by name through :func:`register_backend`; ``ort`` and ``torch`` are built in, a
-TensorRT runner registers itself the same way.
+Every backend implements :class:`Runner` (this module's ONNX Runtime runner, the PyTorch runner in
+``export/torch_runner.py``, the TensorRT runner in ``runtime/trt_runner.py``):
+
+* ``run(images) -> list[Detections]``: raw BGR uint8 images in, detections in original pixels out, through
+  the spec's pre-processing, the model and the one outputs -> detections path (``runtime/postprocess.py``);
+* ``run_raw(inputs) -> dict[role, array]``: an already prepared graph input in, the model's outputs by role
+  (``detections`` or ``heatmap``/``wh``/``reg``) out;
+* a lifecycle: ``close()``, or use the runner as a context manager;
+* timing: ``last_timing`` (pre/inference/post of the last ``run``) and ``add_timing_hook(fn)``, called with
+  every run's :class:`StageTimes`;
+* ``raw_outputs`` (outputs by role of the last ``run`` when built with ``keep_raw``) and ``describe()``.
+
+Which backend runs a model file is chosen explicitly by the caller (``eval/backends.py``); the runtime
+keeps no registry and imports nothing above itself.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,22 +28,20 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from .detections import Detections
+from .onnx_session import SessionError, create_session, resolve_providers
 from .spec import ModelSpec, load_spec
 
 __all__ = [
     "OnnxRuntimeRunner",
     "Runner",
+    "RunnerBase",
     "RunnerError",
     "RunnerOptions",
     "StageTimes",
-    "TorchReferenceRunner",
-    "available_backends",
-    "backend_for_path",
-    "checkpoint_spec",
-    "create_runner",
-    "register_backend",
-    "resolve_providers",
+    "fill_fixed_batch",
+    "run_by_role",
     "runner_info",
+    "session_roles",
 ]
 
 
@@ -65,23 +72,71 @@ class RunnerOptions:
     device: str | None = None  # torch device; None = cuda when available, else cpu
     fp16: bool = False  # torch only, and only on CUDA
     keep_raw: bool = False  # keep raw head outputs of the last run in ``raw_outputs``
-    extra: dict[str, Any] = field(default_factory=dict)  # for plug-in backends
+    extra: dict[str, Any] = field(default_factory=dict)  # backend-specific settings
 
 
 @runtime_checkable
 class Runner(Protocol):
-    """What the evaluator and the quantization tools need from a backend.
-
-    Optional extras, read with ``getattr``: ``raw_outputs`` (dict role -> array of the last ``run``, or
-    None) and ``describe()`` (backend, providers, precision, for reports); see :func:`runner_info`.
-    """
+    """What the evaluator, the Python API and the quantization tools need from a backend."""
 
     backend: str
     spec: ModelSpec
     precision: str
     last_timing: StageTimes | None
+    raw_outputs: dict[str, np.ndarray] | None
 
     def run(self, images: Sequence[np.ndarray]) -> list[Detections]: ...
+
+    def run_raw(self, inputs: np.ndarray) -> dict[str, np.ndarray]: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def add_timing_hook(self, hook: Callable[[StageTimes], None]) -> None: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Runner: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class RunnerBase:
+    """The lifecycle and timing plumbing every runner shares; backends implement ``run``/``run_raw``."""
+
+    backend = "base"
+    spec: ModelSpec
+    precision: str = "fp32"
+
+    def __init__(self) -> None:
+        self.last_timing: StageTimes | None = None
+        self.raw_outputs: dict[str, np.ndarray] | None = None
+        self._timing_hooks: list[Callable[[StageTimes], None]] = []
+        self.closed = False
+
+    def add_timing_hook(self, hook: Callable[[StageTimes], None]) -> None:
+        self._timing_hooks.append(hook)
+
+    def _record(self, times: StageTimes) -> None:
+        self.last_timing = times
+        for hook in self._timing_hooks:
+            hook(times)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RunnerError(f"{self.backend} runner is closed")
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.backend, "providers": [], "precision": self.precision}
+
+    def close(self) -> None:
+        """Release the session/model; further runs raise :class:`RunnerError`."""
+        self.closed = True
+
+    def __enter__(self) -> RunnerBase:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def runner_info(runner: Runner) -> dict[str, Any]:
@@ -92,40 +147,44 @@ def runner_info(runner: Runner) -> dict[str, Any]:
     return {"backend": runner.backend, "providers": [], "precision": runner.precision}
 
 
-def _precision_of(spec: ModelSpec) -> str:
+def precision_of(spec: ModelSpec) -> str:
+    """The precision a spec's provenance records (calibration artifacts say int8/fp16), fp32 otherwise."""
     return str(spec.provenance.get("precision", "fp32"))
 
 
+def fill_fixed_batch(batch: np.ndarray, size: int | None) -> np.ndarray:
+    """A graph with a fixed batch dimension takes exactly ``size`` rows: fill a short batch with copies of
+    its last row (their results are discarded). Every inference path fills this way; calibration instead
+    drops a partial batch, since copies would bias its statistics (``calib_data/batches.py``)."""
+    if not size or len(batch) == size:
+        return batch
+    if len(batch) > size:
+        raise RunnerError(f"a batch of {len(batch)} does not fit the graph's fixed batch of {size}")
+    return np.concatenate([batch, np.repeat(batch[-1:], size - len(batch), axis=0)])
+
+
+def session_roles(session: Any, spec: ModelSpec) -> dict[str, str]:
+    """role -> output name for every output of an ONNX Runtime session: the spec's roles, and any other
+    output (heads exposed for verification) under its own name."""
+    role_of = {info.name: role for role, info in spec.graph.outputs.items()}
+    return {role_of.get(o.name, o.name): o.name for o in session.get_outputs()}
+
+
+def run_by_role(session: Any, spec: ModelSpec, inputs: np.ndarray,
+                fetch: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+    """The one graph-outputs path: run a session on a prepared batch and key what it returns by role.
+
+    ``fetch`` (role -> output name) defaults to :func:`session_roles`. A fixed-batch graph gets a filled
+    batch (:func:`fill_fixed_batch`) and the filler rows are cut off again. Every caller then hands the
+    result to :func:`centernet_edge.runtime.postprocess.finalize` for detections.
+    """
+    fetch = fetch if fetch is not None else session_roles(session, spec)
+    feed = fill_fixed_batch(inputs, spec.graph.batch)
+    values = session.run(list(fetch.values()), {spec.graph.input.name: feed})
+    return {role: value[: len(inputs)] for role, value in zip(fetch, values, strict=True)}
+
+
 # ---- ONNX Runtime ---------------------------------------------------------------------------------
-
-_PROVIDER_ALIASES = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "trt": "TensorrtExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
-}
-
-
-def resolve_providers(requested: Sequence[str] | None = None) -> list[str]:
-    """Full ORT provider names; aliases (cpu, cuda, tensorrt) accepted, CPU always last as fallback."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if not requested:
-        chosen = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []
-    else:
-        chosen = [_PROVIDER_ALIASES.get(p.lower(), p) for p in requested]
-        missing = [p for p in chosen if p not in available]
-        if missing:
-            raise RunnerError(
-                f"ONNX Runtime providers not available in this installation: {', '.join(missing)} "
-                f"(available: {', '.join(available)})"
-            )
-    if "CPUExecutionProvider" not in chosen:
-        chosen.append("CPUExecutionProvider")
-    return chosen
 
 
 _MAX_CHUNK = 16
@@ -137,7 +196,7 @@ def _chunks(items: Sequence[np.ndarray], size: int | None) -> list[list[np.ndarr
     return [list(items[i:i + size]) for i in range(0, len(items), size)]
 
 
-class OnnxRuntimeRunner:
+class OnnxRuntimeRunner(RunnerBase):
     """Runs a CenterNet ONNX (our export or a described foreign graph) with ONNX Runtime."""
 
     backend = "ort"
@@ -152,20 +211,16 @@ class OnnxRuntimeRunner:
         intra_op_threads: int | None = None,
         keep_raw: bool = False,
     ) -> None:
-        import onnxruntime as ort
-
+        super().__init__()
         self.model_path = Path(model_path)
         self.spec = spec if spec is not None else load_spec(self.model_path, description)
-        self.precision = _precision_of(self.spec)
+        self.precision = precision_of(self.spec)
         self.keep_raw = keep_raw
-        options = ort.SessionOptions()
-        if intra_op_threads:
-            options.intra_op_num_threads = int(intra_op_threads)
-            options.inter_op_num_threads = 1
-        chosen = resolve_providers(providers)
-        self.session = ort.InferenceSession(str(self.model_path), options, providers=chosen)
-        self.last_timing: StageTimes | None = None
-        self.raw_outputs: dict[str, np.ndarray] | None = None
+        try:
+            chosen = resolve_providers(providers)
+        except SessionError as exc:
+            raise RunnerError(str(exc)) from exc
+        self.session = create_session(self.model_path, threads=intra_op_threads, providers=chosen, quiet=False)
         self._input_name, self._fetch = self._bind()
 
     def _bind(self) -> tuple[str, dict[str, str]]:
@@ -190,6 +245,19 @@ class OnnxRuntimeRunner:
             roles = {"detections": roles["detections"]}
         return graph.input.name, {role: info.name for role, info in roles.items()}
 
+    def _check_detections(self, value: np.ndarray) -> None:
+        """Rows must be (x1, y1, x2, y2, score, class): a transposed or foreign layout is refused, not scored."""
+        declared = self.spec.graph.outputs["detections"].shape
+        got = list(np.shape(value))
+        # The batch axis is left out: a padded fixed-batch run is cut back to the real images.
+        fixed_ok = len(got) == len(declared) and all(
+            not isinstance(d, int) or d == g for d, g in zip(declared[1:], got[1:], strict=True))
+        if len(got) != 3 or got[2] != 6 or not fixed_ok:
+            raise RunnerError(
+                f"{self.model_path.name}: output {self.spec.graph.outputs['detections'].name!r} has shape {got}, "
+                f"expected [N, K, 6] rows (x1, y1, x2, y2, score, class) as the model spec declares {declared}"
+            )
+
     def _feed_error(self, feed: np.ndarray, exc: Exception) -> str:
         expected = self.session.get_inputs()[0]
         return (
@@ -205,10 +273,22 @@ class OnnxRuntimeRunner:
     def describe(self) -> dict[str, Any]:
         return {"backend": self.backend, "providers": self.providers, "precision": self.precision}
 
+    def run_raw(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        """The graph's outputs by role for a prepared input batch (a fixed-batch graph's filler rows are
+        cut off again)."""
+        self._check_open()
+        try:
+            return run_by_role(self.session, self.spec, inputs, self._fetch)
+        except RunnerError:
+            raise
+        except Exception as exc:  # ORT's own exception types are not importable in a stable way
+            raise RunnerError(self._feed_error(inputs, exc)) from exc
+
     def run(self, images: Sequence[np.ndarray]) -> list[Detections]:
         from .postprocess import finalize
         from .preprocess import prepare_batch
 
+        self._check_open()
         fixed = self.spec.graph.batch
         # Raw-image and keep_res inputs differ in size per image, so without a fixed batch they go one by
         # one; fixed-size inputs are batched, in bounded chunks to keep memory flat.
@@ -218,210 +298,26 @@ class OnnxRuntimeRunner:
         pre = infer = post = 0.0
         raw: dict[str, list[np.ndarray]] = {}
         for chunk in _chunks(images, size):
-            real = len(chunk)
-            if fixed and real < fixed:
-                chunk = chunk + [chunk[-1]] * (fixed - real)  # pad a fixed-batch graph, drop extras below
             t0 = time.perf_counter()
             feed, geoms = prepare_batch(chunk, self.spec)
             t1 = time.perf_counter()
-            try:
-                values = self.session.run(list(self._fetch.values()), {self._input_name: feed})
-            except Exception as exc:  # ORT's own exception types are not importable in a stable way
-                raise RunnerError(self._feed_error(feed, exc)) from exc
+            by_role = self.run_raw(feed)
             t2 = time.perf_counter()
-            by_role = {role: value[:real] for role, value in zip(self._fetch, values, strict=True)}
-            results.extend(finalize(by_role, self.spec, geoms[:real])[:real])
+            if "detections" in by_role:
+                self._check_detections(by_role["detections"])
+            try:
+                results.extend(finalize(by_role, self.spec, geoms))
+            except ValueError as exc:  # outputs that do not fit the spec's description
+                raise RunnerError(f"{self.model_path.name}: {exc}") from exc
             t3 = time.perf_counter()
             pre, infer, post = pre + t1 - t0, infer + t2 - t1, post + t3 - t2
             if self.keep_raw:
                 for role, value in by_role.items():
                     raw.setdefault(role, []).append(value)
-        self.last_timing = StageTimes(pre * 1e3, infer * 1e3, post * 1e3, len(images))
         self.raw_outputs = {r: np.concatenate(v) for r, v in raw.items()} if self.keep_raw else None
+        self._record(StageTimes(pre * 1e3, infer * 1e3, post * 1e3, len(images)))
         return results
 
-
-# ---- PyTorch reference ----------------------------------------------------------------------------
-
-
-def checkpoint_spec(info: Any, keep_res: bool = False) -> ModelSpec:
-    """The reference spec of a checkpoint (its ``CheckpointInfo``): the same spec an export of it carries,
-    for the plain network (normalised float input, raw heads out).
-
-    Used when a .pth comes without ``--model-spec``; COCO class names and ids when it has 80 classes.
-    """
-    from dataclasses import replace
-
-    from centernet_edge.export.models import ARCHITECTURES
-    from centernet_edge.export.onnx_export import ExportOptions, build_spec
-
-    options = ExportOptions(keep_res=keep_res, preprocess="none", decode=False)
-    spec = build_spec(
-        arch=info.arch, source=info.source, num_classes=int(info.num_classes), options=options,
-        keep_res_pad=ARCHITECTURES[info.arch].keep_res_pad, class_names=getattr(info, "class_names", None),
-        name=Path(info.path).stem, provenance={"checkpoint_sha256": info.sha256, "precision": "fp32"},
-    )
-    # The PyTorch modules return heatmap logits; an exported graph applies the sigmoid itself.
-    spec.decode = replace(spec.decode, heatmap_activation="logits")
-    return spec.validate()
-
-
-class TorchReferenceRunner:
-    """The PyTorch model from a checkpoint through the reference pre/post-processing.
-
-    fp16 is offered only on CUDA: CPU half-precision kernels are slow and not what any edge target runs.
-    """
-
-    backend = "torch"
-
-    def __init__(
-        self,
-        checkpoint_path: str | Path,
-        spec: ModelSpec | None = None,
-        *,
-        device: str | None = None,
-        fp16: bool = False,
-        threads: int | None = None,
-        keep_raw: bool = False,
-    ) -> None:
-        import torch
-
-        from centernet_edge.export.checkpoints import load_checkpoint
-
-        from .reference import ReferenceDetector
-
-        self.model_path = Path(checkpoint_path)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if fp16 and self.device.type != "cuda":
-            raise RunnerError("torch fp16 is only supported on CUDA; drop fp16 or run on a GPU")
-        if threads:
-            torch.set_num_threads(int(threads))
-        loaded = load_checkpoint(self.model_path)
-        spec = spec if spec is not None else checkpoint_spec(loaded.info)
-        # The PyTorch modules return heatmap logits for both sources, whatever an exported graph's spec
-        # (which has sigmoid in-graph) says; decode must apply the sigmoid here.
-        logits = dataclasses.replace(spec.decode, heatmap_activation="logits")
-        self.spec = dataclasses.replace(spec, decode=logits)
-        if self.spec.num_classes != loaded.num_classes:
-            raise RunnerError(
-                f"{self.model_path.name}: model spec has num_classes={self.spec.num_classes}, "
-                f"the checkpoint {loaded.num_classes}"
-            )
-        self.dtype = torch.float16 if fp16 else torch.float32
-        model = loaded.model.eval().to(self.device, dtype=self.dtype)
-        self.precision = "fp16" if fp16 else "fp32"
-        self.keep_raw = keep_raw
-        self.detector = ReferenceDetector(model, self.spec, device=self.device)
-        self.last_timing: StageTimes | None = None
-        self.raw_outputs: dict[str, np.ndarray] | None = None
-
-    def describe(self) -> dict[str, Any]:
-        return {"backend": self.backend, "providers": [str(self.device)], "precision": self.precision}
-
-    def _sync(self) -> None:
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def run(self, images: Sequence[np.ndarray]) -> list[Detections]:
-        import torch
-
-        from .decode import decode_torch, project_boxes
-        from .reference import split_heads
-
-        t0 = time.perf_counter()
-        inputs, geoms = self.detector.preprocess(images)
-        pre = time.perf_counter() - t0
-        infer = post = 0.0
-        results: list[Detections | None] = [None] * len(inputs)
-        raw: dict[str, list[np.ndarray]] = {}
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, x in enumerate(inputs):  # same-size inputs share a forward (keep_res sizes vary)
-            groups.setdefault(x.shape, []).append(i)
-        for members in groups.values():
-            t1 = time.perf_counter()
-            batch = torch.from_numpy(np.stack([inputs[i] for i in members])).to(self.device, self.dtype)
-            with torch.no_grad():
-                out = split_heads(self.detector.model(batch))
-            heads = [h.float() if h is not None else None for h in out]
-            self._sync()
-            t2 = time.perf_counter()
-            decoded = decode_torch(heads[0], heads[1], heads[2], self.spec.decode)
-            boxes, scores = decoded.boxes.cpu().numpy(), decoded.scores.cpu().numpy()
-            classes = decoded.classes.cpu().numpy()
-            for j, i in enumerate(members):
-                projected = project_boxes(boxes[j], geoms[i], self.spec.decode, frame="output")
-                results[i] = Detections(projected, scores[j], classes[j])
-            t3 = time.perf_counter()
-            infer, post = infer + t2 - t1, post + t3 - t2
-            if self.keep_raw:
-                for role, head in zip(("heatmap", "wh", "reg"), heads, strict=True):
-                    if head is not None:
-                        raw.setdefault(role, []).append(head.cpu().numpy())
-        self.last_timing = StageTimes(pre * 1e3, infer * 1e3, post * 1e3, len(images))
-        # Mixed-size groups cannot be concatenated; keep raw heads only when they share one shape.
-        self.raw_outputs = (
-            {r: np.concatenate(v) for r, v in raw.items()} if self.keep_raw and len(groups) == 1 else None
-        )
-        return [r for r in results if r is not None]
-
-
-# ---- registry -------------------------------------------------------------------------------------
-
-RunnerFactory = Callable[[Path, "ModelSpec | None", RunnerOptions], Runner]
-_BACKENDS: dict[str, RunnerFactory] = {}
-_EXTENSIONS: dict[str, str] = {}
-
-
-def register_backend(
-    name: str, factory: RunnerFactory, *, extensions: Sequence[str] = (), replace: bool = False
-) -> None:
-    """Make ``factory(model_path, spec_or_None, options)`` available as backend ``name``.
-
-    ``extensions`` (".engine") makes the backend the default for such files.
-    """
-    if name in _BACKENDS and not replace:
-        raise ValueError(f"backend {name!r} is already registered")
-    _BACKENDS[name] = factory
-    for ext in extensions:
-        _EXTENSIONS[ext.lower()] = name
-
-
-def available_backends() -> list[str]:
-    return sorted(_BACKENDS)
-
-
-def backend_for_path(model_path: str | Path) -> str:
-    """The default backend for a model file, by extension."""
-    ext = Path(model_path).suffix.lower()
-    if ext not in _EXTENSIONS:
-        known = ", ".join(f"{e} -> {b}" for e, b in sorted(_EXTENSIONS.items()))
-        raise RunnerError(f"no default backend for {Path(model_path).name!r} (known: {known}); use --backend")
-    return _EXTENSIONS[ext]
-
-
-def create_runner(
-    backend: str, model_path: str | Path, spec: ModelSpec | None = None, options: RunnerOptions | None = None
-) -> Runner:
-    """Build the named backend's runner for a model file."""
-    if backend not in _BACKENDS:
-        raise RunnerError(f"unknown backend {backend!r}; available: {', '.join(available_backends())}")
-    return _BACKENDS[backend](Path(model_path), spec, options or RunnerOptions())
-
-
-def _ort_factory(path: Path, spec: ModelSpec | None, options: RunnerOptions) -> Runner:
-    return OnnxRuntimeRunner(
-        path, spec, providers=options.providers, intra_op_threads=options.threads, keep_raw=options.keep_raw
-    )
-
-
-def _torch_factory(path: Path, spec: ModelSpec | None, options: RunnerOptions) -> Runner:
-    return TorchReferenceRunner(
-        path, spec, device=options.device, fp16=options.fp16, threads=options.threads,
-        keep_raw=options.keep_raw,
-    )
-
-
-register_backend("ort", _ort_factory, extensions=(".onnx",))
-register_backend("torch", _torch_factory, extensions=(".pth", ".pt", ".ckpt"))
+    def close(self) -> None:
+        self.session = None
+        super().close()

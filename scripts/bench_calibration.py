@@ -38,14 +38,17 @@ from centernet_edge.eval.dataset import load_coco_dataset
 from centernet_edge.eval.evaluate import evaluate_models, resolve_model
 from centernet_edge.quantize.artifacts import derived_spec, save_model
 from centernet_edge.quantize.fp16 import simulate_fp16
-from centernet_edge.quantize.graph import ensure_node_names
-from centernet_edge.quantize.head_error import HeadProbe, session_for
+from centernet_edge.quantize.head_error import HeadProbe
 from centernet_edge.quantize.ort_cpu_int8 import CpuInt8Config, build_ort_cpu_int8, ort_ranges
+from centernet_edge.quantize.pipeline import DOWNSTREAM_CANDIDATES
 from centernet_edge.quantize.placement import plan_placement
 from centernet_edge.quantize.qdq import build_qdq_model
+from centernet_edge.quantize.range_search import search_ranges
 from centernet_edge.quantize.stats import collect_calibration_stats
 from centernet_edge.quantize.tensors import calibration_tensors
 from centernet_edge.quantize.thresholds import METHODS, compute_amaxes
+from centernet_edge.runtime.onnx_graph import ensure_node_names
+from centernet_edge.runtime.onnx_session import create_session
 from centernet_edge.runtime.preprocess import prepare_batch
 from centernet_edge.runtime.runners import RunnerOptions
 from centernet_edge.runtime.spec import ModelSpec, load_spec
@@ -202,6 +205,23 @@ def build_variants(
             "int8",
             method=m,
         )
+    # --method downstream: per-tensor range chosen by the reading layer's output error (4 images)
+    import cv2
+
+    start = time.perf_counter()
+    labelled = {label: compute_amaxes(stats.tensors, label.split("_")[0], **opts)
+                for label, opts in DOWNSTREAM_CANDIDATES}
+    feeds = [prepare_batch([cv2.imread(str(p))], spec)[0] for p in list(calib.paths)[:4]]
+    choice = search_ranges(model, placement.layers, labelled, iter(feeds), spec.graph.input.name, threads=threads)
+    amaxes["downstream"] = {**labelled["percentile"], **choice.amax}
+    out["downstream_search_s"] = round(time.perf_counter() - start, 1)
+    paths["int8 Q/DQ, all layers, downstream"] = _save(
+        build_qdq_model(model, placement.layers, amaxes["downstream"]), models / "qdq_all_downstream.onnx",
+        spec, "int8", method="downstream")
+    paths["CPU int8 (default config), downstream ranges"] = _save(
+        build_ort_cpu_int8(model, ort_ranges(amaxes["downstream"], observed), config=CpuInt8Config(),
+                           regions=placement.regions),
+        models / "cpu_downstream.onnx", spec, "int8")
     amax = amaxes[method]
     ranges = ort_ranges(amax, observed)
     for k in curve:
@@ -218,8 +238,6 @@ def build_variants(
         paths[label] = _save(cpu, models / f"cpu_variant{i}.onnx", spec, "int8-mixed" if k else "int8")
     # label-free head error of every curve point on the probe images the search used
     probe_paths = list(calib.paths)[:32]
-    import cv2
-
     probe = HeadProbe(spec, [prepare_batch([cv2.imread(str(p))], spec) for p in probe_paths], threads=threads)
     probe.set_reference(model)
     out["head_error"] = {
@@ -258,7 +276,7 @@ def evaluate(entries: list[tuple[str, Path, Path | None]], coco: Path, threads: 
 def latency(models: dict[str, Path], feed: np.ndarray, input_name: str, threads: int, rounds: int) -> dict:
     """Median and min ms per model, and the speed-up over the first model as the median of per-round
     ratios (each round runs every model once, so a slow spell of the machine cancels out)."""
-    sessions = {label: session_for(str(path), threads) for label, path in models.items()}
+    sessions = {label: create_session(path, threads=threads) for label, path in models.items()}
     for s in sessions.values():
         for _ in range(3):
             s.run(None, {input_name: feed})
@@ -384,7 +402,8 @@ def report(results: dict[str, Any], args: argparse.Namespace, curve: list[int]) 
     out += [
         "",
         f"## Accuracy (dev103, fp32 AP {fp32_ap}); selected method: {var['method']}, "
-        f"{len(var['float_layers'])}/{var['layers']} layers kept float",
+        f"{len(var['float_layers'])}/{var['layers']} layers kept float; downstream range search "
+        f"{var.get('downstream_search_s')} s",
         "",
     ]
     he = var.get("head_error", {})

@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 
 from centernet_edge.quantize.placement import graph_regions
+from centernet_edge.runtime.onnx_session import create_session
 
 REPO = Path(__file__).resolve().parents[1]
 # Ops that carry weights: the layers whose precision decides the CPU speed.
@@ -125,17 +126,7 @@ def cut(model: onnx.ModelProto, inputs: list[str], outputs: list[str]) -> onnx.M
 
 
 def session(model: onnx.ModelProto | Path, threads: int, profile: str | None = None) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    if profile:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile
-    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    return create_session(model, threads=threads, profile_prefix=profile)
 
 
 def interleaved(cases: dict[str, tuple[Any, dict[str, np.ndarray]]], runs: int, warmup: int = 3

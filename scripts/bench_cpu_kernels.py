@@ -27,6 +27,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from centernet_edge.runtime.onnx_session import create_session
+
 
 def _model(nodes: list, inits: list, channels: int, size: int) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "bench", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
@@ -120,13 +122,8 @@ def peak_mask_model(channels: int, size: int, where: bool) -> onnx.ModelProto:
 
 def kernel_ms(model: onnx.ModelProto, channels: int, size: int, runs: int, ops: set[str]) -> float:
     """Mean time per call of the nodes named in ``ops`` (by op type or node name), from the profiler."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    options.enable_profiling = True
     with tempfile.TemporaryDirectory() as folder:
-        options.profile_file_prefix = os.path.join(folder, "profile")
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = create_session(model, threads=1, profile_prefix=os.path.join(folder, "profile"))
         x = np.random.default_rng(1).random((1, channels, size, size), dtype=np.float32) * 4
         for _ in range(runs):
             session.run(None, {"x": x})

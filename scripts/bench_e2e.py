@@ -65,23 +65,18 @@ def bench_arch(arch: str, images: list[np.ndarray], size: int, threads: int, war
                checkpoint_dir: Path | None) -> dict[str, object]:
     import copy
 
-    import onnxruntime as ort
     import torch
 
     from centernet_edge.export.onnx_export import ExportOptions, build_spec, export_onnx
+    from centernet_edge.export.torch_reference import ReferenceDetector
+    from centernet_edge.runtime.onnx_session import create_session
     from centernet_edge.runtime.postprocess import finalize
     from centernet_edge.runtime.preprocess import prepare_batch
-    from centernet_edge.runtime.reference import ReferenceDetector
 
     model, spec, options, info, weights = _model_and_spec(arch, size, checkpoint_dir)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # the default, stated: NCHWc + fusions
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-
-    def session_for(graph_spec, graph_options) -> ort.InferenceSession:
+    def session_for(graph_spec, graph_options) -> object:
         graph = export_onnx(model, graph_spec, graph_options, input_multiple=info.input_multiple)
-        return ort.InferenceSession(graph.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return create_session(graph, threads=threads, optimization="all")  # the default, stated: NCHWc + fusions
 
     session = session_for(spec, options)
     # The network alone (normalised input in, raw heads out) separates runtime speed from pre/post work.

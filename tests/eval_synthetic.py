@@ -1,4 +1,4 @@
-"""Synthetic COCO data and a registry-pluggable fake backend for evaluator tests (no model, no shared data).
+"""Synthetic COCO data and a fake backend patched into the evaluator for tests (no model, no shared data).
 
 The fake "model file" is JSON: detection rows per image size ("HxW"), which identifies the image because
 the synthetic images all differ in size.
@@ -14,8 +14,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from centernet_edge.eval import backends
 from centernet_edge.runtime.detections import Detections
-from centernet_edge.runtime.runners import RunnerOptions, StageTimes, register_backend
+from centernet_edge.runtime.runners import RunnerBase, RunnerOptions, StageTimes
 from centernet_edge.runtime.spec import GraphIO, ModelSpec, TensorInfo, official_preprocess, source_decode
 
 GAPPY_IDS = [1, 3, 13, 27, 44, 67, 88, 90]
@@ -76,15 +77,14 @@ def write_spec(path: Path, precision: str = "fp32", input_size: tuple[int, int] 
     return path
 
 
-class FakeRunner:
+class FakeRunner(RunnerBase):
     backend = FAKE_BACKEND
 
     def __init__(self, model_path: Path, spec: ModelSpec, options: RunnerOptions) -> None:
+        super().__init__()
         self.spec = spec
         self.precision = str(spec.provenance.get("precision", "fp32"))
         self.rows = json.loads(Path(model_path).read_text())
-        self.last_timing: StageTimes | None = None
-        self.raw_outputs: dict[str, np.ndarray] | None = None
         self.keep_raw = options.keep_raw
 
     def describe(self) -> dict[str, Any]:
@@ -95,7 +95,7 @@ class FakeRunner:
         for image in images:
             rows = np.asarray(self.rows[f"{image.shape[0]}x{image.shape[1]}"], np.float32).reshape(-1, 6)
             out.append(Detections.from_array(rows))
-        self.last_timing = StageTimes(0.1, 1.0, 0.1, len(images))
+        self._record(StageTimes(0.1, 1.0, 0.1, len(images)))
         if self.keep_raw:
             # A constant "heatmap" per model file, so heatmap agreement has something to compare.
             level = (sum(map(ord, json.dumps(self.rows)[:50])) % 7) / 10.0
@@ -103,5 +103,18 @@ class FakeRunner:
         return out
 
 
-def register_fake_backend() -> None:
-    register_backend(FAKE_BACKEND, lambda path, spec, options: FakeRunner(path, spec, options), replace=True)
+    def run_raw(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        raise NotImplementedError("the fake backend has no graph input")
+
+
+def install_fake_backend(monkeypatch: Any) -> None:
+    """Make ``--backend fake-json`` known to the evaluator for one test (pytest's monkeypatch undoes it)."""
+    real_open = backends.open_runner
+
+    def open_runner(backend: str, model_path: Any, spec: Any = None, options: Any = None) -> Any:
+        if backend == FAKE_BACKEND:
+            return FakeRunner(Path(model_path), spec, options or RunnerOptions())
+        return real_open(backend, model_path, spec, options)
+
+    monkeypatch.setitem(backends.BACKENDS, FAKE_BACKEND, "JSON rows per image size (tests)")
+    monkeypatch.setattr(backends, "open_runner", open_runner)

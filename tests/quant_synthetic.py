@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from centernet_edge.quantize.stats import prune_to_outputs
+from centernet_edge.runtime.onnx_graph import prune_to_outputs
 from centernet_edge.runtime.spec import Decode, GraphIO, ModelSpec, Preprocess, TensorInfo
 
 SIZE = 64

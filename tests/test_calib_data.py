@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from centernet_edge.calib_data.batches import effective_batch_size, iter_batches, iter_feeds
-from centernet_edge.calib_data.images import ReadReport, decode_bgr, read_bgr
 from centernet_edge.calib_data.polygraphy_loader import write_polygraphy_loader
 from centernet_edge.calib_data.provenance import dataset_hash
 from centernet_edge.calib_data.sources import (
@@ -23,6 +22,7 @@ from centernet_edge.calib_data.sources import (
     load_calibration_set,
     select_images,
 )
+from centernet_edge.runtime.images import ReadReport, decode_bgr, read_bgr
 from centernet_edge.runtime.preprocess import prepare_batch
 from centernet_edge.runtime.spec import Decode, GraphIO, ModelSpec, Preprocess, TensorInfo
 
@@ -121,6 +121,26 @@ def test_unreadable_files_are_skipped_counted_and_never_raise(tmp_path):
     assert report.skip_reasons[str(tmp_path / "empty.jpg")] == "empty file"
     assert "cannot read file" in report.skip_reasons[str(tmp_path / "missing.png")]
     assert report.as_dict()["skipped"] == 5
+
+
+def test_strict_reads_fail_on_the_first_unreadable_file_and_skips_are_listed_in_one_line(tmp_path):
+    from centernet_edge.runtime.images import UnreadableImageError
+
+    good = tmp_path / "good.jpg"
+    cv2.imwrite(str(good), _img(0))
+    (tmp_path / "cut.jpg").write_bytes(good.read_bytes()[:200])
+    (tmp_path / "text.jpg").write_text("not an image")
+    report = ReadReport()
+    for name in ("good.jpg", "cut.jpg", "text.jpg"):
+        read_bgr(tmp_path / name, report, name)
+    assert report.skip_line() == ("skipped 2 unreadable image(s): cut.jpg (truncated JPEG (no end-of-image "
+                                  "marker)), text.jpg (not a decodable image)")
+    assert ReadReport().skip_line() == ""
+    strict = ReadReport(strict=True)
+    assert read_bgr(good, strict) is not None
+    with pytest.raises(UnreadableImageError, match=r"cannot read image cut.jpg: truncated JPEG .*\(--strict\)"):
+        read_bgr(tmp_path / "cut.jpg", strict, "cut.jpg")
+    assert strict.read == 1 and strict.skipped == 0
 
 
 # ---- sources --------------------------------------------------------------------------------------

@@ -8,9 +8,9 @@ import onnx
 import pytest
 from quant_synthetic import FRAGILE, synthetic_spec, write_images, write_model
 
-from centernet_edge.calib_data.provenance import file_sha256
 from centernet_edge.quantize.cli import main
 from centernet_edge.quantize.trt_cache import read_cache
+from centernet_edge.runtime.hashing import file_sha256
 from centernet_edge.runtime.runners import OnnxRuntimeRunner
 from centernet_edge.runtime.spec import ModelSpec
 
@@ -61,6 +61,8 @@ def test_writes_every_artifact(calibrated, inputs):
         "sensitivity.json",
         "sensitivity.md",
         "precision.json",
+        "layer_error.json",
+        "layer_error.md",
     } <= names
     assert not [n for n in names if n.endswith(".tmp")]
     cache = read_cache(calibrated / "calibration.cache")
@@ -126,6 +128,28 @@ def test_sensitivity_and_precision_reports(calibrated):
     node = next(n for n in qdq.graph.node if n.name == FRAGILE)
     producer = {o: n for n in qdq.graph.node for o in n.output}
     assert producer[node.input[0]].op_type != "DequantizeLinear"
+
+
+def test_layer_error_report_points_at_the_fragile_conv(calibrated):
+    doc = json.loads((calibrated / "layer_error.json").read_text())
+    rows = [r for r in doc["tensors"] if r["growth"] is not None]
+    assert max(rows, key=lambda r: r["growth"])["producer"] == FRAGILE
+    assert doc["meta"]["images"] == 2 and "squeeze-excite scaled" in doc["kinds"]
+
+
+def test_downstream_ranges_are_recorded_and_deterministic(inputs, tmp_path):
+    _, model, images = inputs
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert _run(model, images, out, "--method", "downstream", "--int8", "--budget", "none",
+                    "--range-images", "2", "--layer-report-images", "0") == 0
+        runs.append(out)
+    summary = json.loads((runs[0] / "summary.json").read_text())
+    assert summary["selected_method"] == "downstream" and summary["amax"]
+    assert not (runs[0] / "layer_error.json").exists()
+    for name in ("calibration.cache", "summary.json", "model_int8_qdq.onnx"):
+        assert (runs[0] / name).read_bytes() == (runs[1] / name).read_bytes(), name
 
 
 @pytest.mark.parametrize("workers", ["1", "3"])
@@ -239,3 +263,119 @@ def test_cpu_model_can_keep_the_mixed_float_layers(inputs, tmp_path):
     node = next(n for n in cpu.graph.node if n.name == FRAGILE)
     assert node.op_type == "Conv" and node.input[1] in {i.name for i in cpu.graph.initializer}  # float
     assert not (tmp_path / "o" / "model_fp16.onnx").exists()
+
+
+def _one_line(capsys, message: str, prefix: str = "centernet-calibrate: error: ") -> None:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(prefix) and message in err, err
+
+
+def test_bad_outputs_are_refused_before_any_work(inputs, tmp_path, monkeypatch, capsys):
+    import centernet_edge.quantize.pipeline as pipeline
+    import centernet_edge.runtime.cli_common as cli_common
+
+    _, model, images = inputs
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("calibration started although its output cannot be written")
+
+    monkeypatch.setattr(pipeline, "collect_calibration_stats", no_work)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert _run(model, images, a_file) == 2
+    _one_line(capsys, "output folder")
+    assert _run(model, images, a_file / "out") == 2
+    _one_line(capsys, "a_file is not a directory")
+    assert _run(tmp_path, images, tmp_path / "o") == 2
+    _one_line(capsys, "is a directory; pass the .onnx file inside it")
+    monkeypatch.setattr(cli_common.os, "access", lambda path, mode: False)
+    assert _run(model, images, tmp_path / "ro" / "out") == 2
+    _one_line(capsys, f"{tmp_path} is not writable")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_interrupt_leaves_the_output_folder_as_it_was(inputs, tmp_path, monkeypatch, capsys):
+    import centernet_edge.quantize.pipeline as pipeline
+
+    _, model, images = inputs
+    out = tmp_path / "nested" / "out"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:  # after the cache was written: the point that used to block reruns
+        patch.setattr(pipeline, "convert_fp16", interrupted)
+        assert _run(model, images, out, "--fp16") == 130
+    assert capsys.readouterr().err == "centernet-calibrate: interrupted; nothing written\n"
+    assert list(tmp_path.iterdir()) == []  # no folder, no staging folder, no lone cache
+    assert _run(model, images, out, "--fp16") == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "convert_fp16", interrupted)
+        assert _run(model, images, out, "--fp16", "--seed", "3", "--force") == 130
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
+    capsys.readouterr()
+    assert _run(model, images, out, "--fp16") == 0  # the identical rerun reuses the calibration
+    assert "reusing calibration" not in capsys.readouterr().out  # --quiet
+
+
+def test_no_mixed_precision_skips_sensitivity_and_counts_written_files(inputs, tmp_path, monkeypatch, capsys):
+    import centernet_edge.quantize.pipeline as pipeline
+
+    _, model, images = inputs
+
+    def no_sensitivity(*args, **kwargs):
+        raise AssertionError("sensitivity analysed although no layer may stay float")
+
+    monkeypatch.setattr(pipeline, "layer_sensitivity", no_sensitivity)
+    out = tmp_path / "o"
+    argv = [str(model), "--images", str(images), "--num-images", "10", "--sensitivity-images", "4", "-o", str(out),
+            "--method", "percentile", "--budget", "none"]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    names = sorted(p.name for p in out.iterdir())
+    assert "sensitivity.json" not in names and "precision.json" in names
+    assert f"wrote {len(names)} file(s) to {out}:" in stdout
+    assert all(f"  {n}" in stdout.splitlines() for n in names)
+    note = ("header TRT-101601-EntropyCalibration2 (TensorRT has no percentile calibrator; its cache reader "
+            "takes the ranges as written), ranges from percentile")
+    assert f"calibration.cache: {note}" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cache_header_note"] == note and summary["trt_cache_header"] == "TRT-101601-EntropyCalibration2"
+    assert main([*argv, "--max-float", "0", "--budget", "0.01", "-q", "--force"]) == 0
+    assert capsys.readouterr().out == f"wrote {len(names)} file(s) to {out}\n"
+
+
+def test_unreadable_images_are_skipped_named_and_recorded_or_fail_strict(inputs, tmp_path, capsys):
+    import shutil
+
+    import cv2
+    import numpy as np
+
+    _, model, images = inputs
+    folder = tmp_path / "imgs"
+    shutil.copytree(images, folder)
+    ok, jpeg = cv2.imencode(".jpg", np.full((64, 64, 3), 90, np.uint8))
+    (folder / "truncated.jpg").write_bytes(jpeg.tobytes()[: len(jpeg) // 2])
+    (folder / "notes.png").write_text("not an image")
+    out = tmp_path / "o"
+    assert main([str(model), "--images", str(folder), "--num-images", "14", "-o", str(out), "--fp16", "-q"]) == 0
+    reads = json.loads((out / "summary.json").read_text())["image_reads"]
+    assert reads["read"] == 12 and reads["skipped"] == 2
+    assert reads["skip_reasons"] == {"notes.png": "not a decodable image",
+                                     "truncated.jpg": "truncated JPEG (no end-of-image marker)"}
+    capsys.readouterr()
+    strict = tmp_path / "strict"
+    assert main([str(model), "--images", str(folder), "--num-images", "14", "-o", str(strict), "--fp16", "-q",
+                 "--strict"]) == 2
+    _one_line(capsys, "cannot read image notes.png: not a decodable image (--strict)")
+    assert not strict.exists()
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out == f"centernet-calibrate {version('centernet-edge')}\n"

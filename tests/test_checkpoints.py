@@ -283,7 +283,21 @@ def _torch_bytes(obj: object) -> bytes:
     return buffer.getvalue()
 
 
+def _poisoned(sd: dict, key: str, value: float) -> bytes:
+    bad = {k: v.clone() for k, v in sd.items()}
+    bad[key].view(-1)[[0, -1]] = value
+    return _torch_bytes({"epoch": 1, "state_dict": bad})
+
+
 CORPUS = {
+    "nan_weights": (
+        lambda tmp, sd: _poisoned(sd, "layer2.0.conv1.weight", float("nan")),
+        r"tensor 'layer2.0.conv1.weight' holds 2 NaN and 0 Inf value\(s\) of 73728; the weights are corrupt",
+    ),
+    "inf_weights": (
+        lambda tmp, sd: _poisoned(sd, "hm.2.bias", float("-inf")),
+        r"tensor 'hm.2.bias' holds 0 NaN and 2 Inf value\(s\) of 80",
+    ),
     "empty": (lambda tmp, sd: b"", r"the file is empty \(0 bytes\); the download probably failed"),
     "random": (
         lambda tmp, sd: bytes(np.random.default_rng(0).integers(1, 0x50, 4096, dtype=np.uint8)),

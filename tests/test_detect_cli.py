@@ -136,8 +136,7 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(model: Path, inputs: Path
         ([str(model), str(work / "empty"), "-o", out], "no images or videos in folder"),
         ([str(model), str(work / "bad.mp4"), "-o", out], "cannot read video"),
         ([str(model), str(work / "junk.png"), "-o", out], "none of the 1 input(s) could be read"),
-        ([str(model), image, "-o", str(work / "a_file")], "not a directory"),
-        ([str(model), image, "-o", str(work / "no" / "such" / "dir")], "parent does not exist"),
+        ([str(model), image, "-o", str(work / "a_file")], "exists and is not a directory"),
         ([str(model), image, "-o", str(inputs / "photos")], "holds inputs"),
         ([str(model), image, "-o", out, "--score-threshold", "2"], "expected a number in [0, 1]"),
         ([str(model), image], "the following arguments are required: -o/--output-dir"),
@@ -195,9 +194,7 @@ def test_default_threshold() -> None:
 
 
 def test_help_explains_outputs(capsys) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["--help"])
-    assert exit_info.value.code == 0
+    assert cli.main(["--help"]) == 0
     text = capsys.readouterr().out
     for phrase in ("detections.json", "--model-spec", "--score-threshold", "video", "exit codes"):
         assert phrase in text

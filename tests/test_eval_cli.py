@@ -88,3 +88,174 @@ def test_two_model_report_equals_single_runs(mb3_onnx, coco_val_dir, coco_dev_an
     for png in ("pr_curves.png", "ap_delta_mb3_perturbed.png", "disagreements_mb3_perturbed.png"):
         image = cv2.imread(str(tmp_path / "both" / png))
         assert image is not None and min(image.shape[:2]) > 300, png
+
+
+# --- bad inputs and surprises, on synthetic data (fast, no shared data) -------------------------------------
+
+
+@pytest.fixture()
+def synthetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    from eval_synthetic import install_fake_backend, write_dataset, write_fake_model, write_spec
+
+    install_fake_backend(monkeypatch)
+    ann, images, data = write_dataset(tmp_path / "data")
+    return {"tmp": tmp_path, "ann": ann, "images": images, "data": data,
+            "exact": write_fake_model(tmp_path / "exact.json", data, jitter=0.0),
+            "noisy": write_fake_model(tmp_path / "noisy.json", data, jitter=0.12, seed=2),
+            "spec": write_spec(tmp_path / "spec.json"), "spec_int8": write_spec(tmp_path / "int8.json", "int8")}
+
+
+def _fake_argv(s: dict, out: Path, *extra: str, ann: Path | None = None) -> list[str]:
+    from eval_synthetic import FAKE_BACKEND
+
+    return [str(s["exact"]), "--images", str(s["images"]), "--ann", str(ann or s["ann"]), "--backend",
+            FAKE_BACKEND, "--model-spec", str(s["spec"]), "--no-cache", "-q", "--no-plots", "-o", str(out),
+            *extra]
+
+
+def _one_line(capsys, message: str) -> None:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("centernet-eval: error: ") and message in err, err
+
+
+def _annotations(s: dict, name: str, mutate) -> Path:
+    data = json.loads(s["ann"].read_text())
+    mutate(data)
+    path = s["tmp"] / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_bad_annotations_and_outputs_fail_in_one_line(synthetic: dict, capsys, monkeypatch) -> None:
+    import centernet_edge.runtime.cli_common as cli_common
+
+    s = synthetic
+    out = s["tmp"] / "out"
+    assert main(_fake_argv(s, out, ann=s["images"])) == 2
+    _one_line(capsys, f"--ann {s['images']} is a directory; pass the COCO instances .json file inside it")
+    none = _annotations(s, "none.json", lambda d: d.update(annotations=[]))
+    assert main(_fake_argv(s, out, ann=none)) == 2
+    _one_line(capsys, "none.json has no annotations: no ground truth to score against")
+    a_file = s["tmp"] / "a_file"
+    a_file.write_text("x")
+    assert main(_fake_argv(s, a_file)) == 2
+    _one_line(capsys, f"output folder {a_file} exists and is not a directory")
+    monkeypatch.setattr(cli_common.os, "access", lambda path, mode: False)
+    assert main(_fake_argv(s, out)) == 2
+    _one_line(capsys, f"{s['tmp']} is not writable")
+    assert not out.exists()
+
+
+def test_detections_of_the_wrong_shape_are_refused(synthetic: dict, capsys) -> None:
+    from onnx import TensorProto, helper
+
+    from centernet_edge.runtime.spec import ModelSpec
+
+    s = synthetic
+    image = helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", "H", "W", 3])
+    dets = helper.make_tensor_value_info("detections", TensorProto.FLOAT, [1, 6, 100])
+    zeros = helper.make_node("Constant", [], ["detections"],
+                             value=helper.make_tensor("z", TensorProto.FLOAT, [1, 6, 100], [0.0] * 600))
+    graph = helper.make_graph([zeros], "transposed", [image], [dets])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    ModelSpec.from_file(s["spec"]).write_to_onnx(model)
+    path = s["tmp"] / "transposed.onnx"
+    onnx.save(model, str(path))
+    argv = [str(path), "--images", str(s["images"]), "--ann", str(s["ann"]), "--no-cache", "-q", "--no-plots",
+            "--providers", "cpu", "-o", str(s["tmp"] / "out")]
+    assert main(argv) == 2
+    _one_line(capsys, "transposed.onnx: output 'detections' has shape [1, 6, 100], expected [N, K, 6] rows")
+
+
+def test_missing_size_classes_show_na_and_boxes_are_clipped(synthetic: dict, capsys) -> None:
+    from eval_synthetic import write_fake_model
+
+    s = synthetic
+
+    def small_only(data: dict) -> None:  # every object under 32x32 px: no medium or large ground truth
+        for ann in data["annotations"]:
+            ann["bbox"] = [ann["bbox"][0], ann["bbox"][1], 20.0, 15.0]
+            ann["area"] = 300.0
+
+    small = _annotations(s, "small.json", small_only)
+    model = write_fake_model(s["tmp"] / "small_model.json", json.loads(small.read_text()), jitter=0.0)
+    rows = json.loads(model.read_text())
+    for key in rows:  # one box far outside its image on every side
+        h, w = map(int, key.split("x"))
+        rows[key].append([-50.0, -40.0, w + 300.0, h + 200.0, 0.9, 0])
+    model.write_text(json.dumps(rows))
+    out = s["tmp"] / "small_out"
+    argv = _fake_argv(s, out, "--save-detections", ann=small)
+    argv[0] = str(model)
+    assert main(argv) == 0
+    (row,) = json.loads((out / "report.json").read_text())["rows"]
+    assert row["ap_medium"] is None and row["ap_large"] is None and row["ap_small"] > 0
+    assert row["stats"]["APl"] is None and row["stats"]["ARm"] is None
+    cells = next(x for x in (out / "report.md").read_text().splitlines() if x.startswith("| small_model"))
+    assert [c.strip() for c in cells.strip("|").split("|")][7:10] == [format_pct(row["ap_small"]), "n/a", "n/a"]
+    sizes = {i["id"]: (i["width"], i["height"]) for i in s["data"]["images"]}
+    records = json.loads((out / "detections_small_model.json").read_text())
+    for r in records:
+        x, y, bw, bh = r["bbox"]
+        w, h = sizes[r["image_id"]]
+        assert 0 <= x and 0 <= y and x + bw <= w + 1e-3 and y + bh <= h + 1e-3
+    assert sum(1 for r in records if r["bbox"] == [0.0, 0.0] + list(sizes[r["image_id"]])) == len(sizes)
+
+
+def test_unreadable_images_are_skipped_named_and_reported_or_fail_strict(synthetic: dict, capsys) -> None:
+    s = synthetic
+    names = sorted(p.name for p in s["images"].iterdir())
+    (s["images"] / names[1]).write_text("not an image")
+    (s["images"] / names[2]).write_bytes((s["images"] / names[3]).read_bytes()[:60])
+    out = s["tmp"] / "out"
+    assert main(_fake_argv(s, out)) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and captured.err.startswith(
+        f"centernet-eval: warning: skipped 2 unreadable image(s): {names[1]} (not a decodable image), {names[2]} (")
+    report = json.loads((out / "report.json").read_text())
+    assert report["dataset"]["images"] == 6 and report["dataset"]["listed_images"] == 8
+    skipped = report["dataset"]["skipped_images"]
+    assert skipped["skipped"] == 2 and sorted(skipped["skip_reasons"]) == names[1:3]
+    assert report["rows"][0]["latency"]["images"] == 6
+    assert "skipped 2 unreadable image(s)" in (out / "report.md").read_text()
+    strict = s["tmp"] / "strict"
+    assert main(_fake_argv(s, strict, "--strict")) == 2
+    _one_line(capsys, f"cannot read image {names[1]}: not a decodable image (--strict)")
+    assert not strict.exists()
+
+
+def test_interrupt_is_one_line_and_leaves_nothing(synthetic: dict, capsys, monkeypatch) -> None:
+    from eval_synthetic import FakeRunner
+
+    s = synthetic
+
+    def interrupted(self, images):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FakeRunner, "run", interrupted)
+    before = sorted(p.name for p in s["tmp"].iterdir())
+    assert main(_fake_argv(s, s["tmp"] / "out")) == 130
+    assert capsys.readouterr().err == "centernet-eval: interrupted; nothing written\n"
+    assert sorted(p.name for p in s["tmp"].iterdir()) == before
+
+
+def test_model_spec_values_follow_the_help_and_version(synthetic: dict, capsys) -> None:
+    from importlib.metadata import version
+
+    from centernet_edge.eval.cli import _per_model, build_parser
+
+    s = synthetic
+    args = build_parser().parse_args(["a.onnx", "b.onnx", "c.onnx", "--model-spec", "a.json", "-", "-",
+                                      "--images", "i", "--ann", "x.json"])
+    assert args.models == ["a.onnx", "b.onnx", "c.onnx"] and args.model_spec == ["a.json", "-", "-"]
+    assert _per_model(args.model_spec, 3, "--model-spec") == ["a.json", "-", "-"]
+    argv = _fake_argv(s, s["tmp"] / "two")
+    argv[argv.index("--model-spec") + 1:argv.index("--model-spec") + 2] = [str(s["spec"]), str(s["spec_int8"])]
+    argv.insert(1, str(s["noisy"]))
+    assert main(argv) == 0
+    rows = json.loads((s["tmp"] / "two" / "report.json").read_text())["rows"]
+    assert [r["precision"] for r in rows] == ["fp32", "int8"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out == f"centernet-eval {version('centernet-edge')}\n"

@@ -11,7 +11,7 @@ import pytest
 from eval_synthetic import (
     FAKE_BACKEND,
     GAPPY_IDS,
-    register_fake_backend,
+    install_fake_backend,
     write_dataset,
     write_fake_model,
     write_spec,
@@ -22,8 +22,8 @@ from centernet_edge.eval.report import MISMATCH_MARK, format_delta, format_pct
 
 
 @pytest.fixture()
-def setup(tmp_path: Path) -> dict:
-    register_fake_backend()
+def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    install_fake_backend(monkeypatch)
     ann, images, data = write_dataset(tmp_path / "data")
     return {
         "tmp": tmp_path, "ann": ann, "images": images,
@@ -77,8 +77,12 @@ def test_report_deltas_equal_separate_runs_and_markdown_matches_json(setup: dict
         assert cells[3:5] == [format_pct(row["ap"]), format_pct(row["ap50"])]
         assert cells[5:7] == [format_delta(row["delta_ap"]), format_delta(row["delta_ap50"])]
         assert cells[7:10] == [format_pct(row[k]) for k in ("ap_small", "ap_medium", "ap_large")]
-        assert cells[10] == "1.23M" and cells[11] == "8.50G MAC"
-    assert "| exact (baseline) |" in capsys.readouterr().out
+        assert cells[10] == "1.23M" and cells[11] == "8.50G"  # the spec records MACs
+    assert "| Params | MACs | Input |" in (s["tmp"] / "both" / "report.md").read_text()
+    # -q: no table, only what was written, one line per run
+    assert [line.split(" to ")[0] for line in capsys.readouterr().out.splitlines()] == [
+        "wrote report.json, report.md, pr_curves.png, ap_delta_noisy.png, disagreements_noisy.png",
+        "wrote report.json, report.md, pr_curves.png", "wrote report.json, report.md, pr_curves.png"]
 
     agreement = other["agreement"]
     assert agreement["base_detections"] > 0 and agreement["base_matched"] <= agreement["base_detections"]
@@ -113,6 +117,11 @@ def test_baseline_is_cached_and_reused(setup: dict) -> None:
     first = json.loads((s["tmp"] / "first" / "report.json").read_text())["rows"]
     second = json.loads((s["tmp"] / "second" / "report.json").read_text())["rows"]
     assert not first[0]["cached"] and second[0]["cached"]
+    # Accuracy is cached, latency never: the cached row is not timed, the fresh one is.
+    assert first[0]["latency"]["images"] == 8 and second[0]["latency"] is None
+    assert second[1]["latency"]["images"] == 8
+    md = _markdown_rows(s["tmp"] / "second" / "report.md")
+    assert md["exact"][13:16] == ["cached: not timed", "—", "—"]
     assert second[0]["ap"] == first[0]["ap"] and second[1]["delta_ap"] == first[1]["delta_ap"]
     assert "from cache" in second[1]["agreement"]["note"]
     # A different image limit is a different protocol: no hit.

@@ -15,11 +15,11 @@ from test_export_models import save_checkpoint
 from centernet_edge.export import cli
 from centernet_edge.export.checkpoints import load_checkpoint
 from centernet_edge.export.onnx_export import expose_heads
+from centernet_edge.export.torch_reference import ReferenceDetector
 from centernet_edge.export.trt_ops import check_trt_compatibility
 from centernet_edge.export.verify import match_detections, synthetic_images
 from centernet_edge.runtime.postprocess import finalize
 from centernet_edge.runtime.preprocess import prepare_batch
-from centernet_edge.runtime.reference import ReferenceDetector
 from centernet_edge.runtime.spec import COCO_CLASS_NAMES, ModelSpec
 
 SMALL = ["--input-size", "128", "--threads", "1", "-q"]
@@ -233,3 +233,92 @@ def test_bad_checkpoints_fail_in_one_line(res18: Path, tmp_path: Path, capsys) -
         assert err.count("\n") == 1 and err.startswith("centernet-export: error: "), err
         assert message in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["garbage.pth"]
+
+
+def _one_line_error(capsys, message: str) -> None:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("centernet-export: error: "), err
+    assert message in err, err
+
+
+def test_bad_outputs_are_refused_before_any_work(res18: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    import centernet_edge.export.onnx_export as onnx_export
+    import centernet_edge.runtime.cli_common as cli_common
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the export started although its output cannot be written")
+
+    monkeypatch.setattr(onnx_export, "export_checkpoint", no_work)
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [
+        (existing, "is a directory; give a file name"),
+        (a_file / "m.onnx", "a_file is not a directory"),
+        (a_file / "deeper" / "m.onnx", "a_file is not a directory"),
+    ]
+    for output, message in cases:
+        assert cli.main([str(res18), "-o", str(output), *SMALL]) == 2, output
+        _one_line_error(capsys, message)
+    # A read-only place (as root, only a read-only mount is unwritable, so os.access is what is asked).
+    monkeypatch.setattr(cli_common.os, "access", lambda path, mode: False)
+    assert cli.main([str(res18), "-o", str(tmp_path / "m.onnx"), *SMALL]) == 2
+    _one_line_error(capsys, f"cannot write {tmp_path / 'm.onnx'}: {tmp_path} is not writable")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "existing"]
+    assert list(existing.iterdir()) == []
+
+
+def test_directory_and_corrupt_weights_as_checkpoint(res18: Path, tmp_path: Path, capsys) -> None:
+    assert cli.main([str(tmp_path), "-o", str(tmp_path / "m.onnx"), *SMALL]) == 2
+    _one_line_error(capsys, f"checkpoint {tmp_path} is a directory; pass the .pth file inside it")
+    state = torch.load(res18, map_location="cpu", weights_only=True)
+    state["state_dict"]["hm.0.weight"].view(-1)[3] = float("nan")
+    bad = tmp_path / "nan.pth"
+    torch.save(state, bad)
+    # Refused at load, before the export and its verification.
+    assert cli.main([str(bad), "-o", str(tmp_path / "m.onnx"), *SMALL]) == 2
+    _one_line_error(capsys, "tensor 'hm.0.weight' holds 1 NaN and 0 Inf value(s)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.pth"]
+
+
+def test_unreadable_verify_images_are_skipped_and_named_or_fail_strict(res18: Path, tmp_path: Path,
+                                                                       capsys) -> None:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (name, img), = synthetic_images(1, seed=5)
+    cv2.imwrite(str(folder / "b_good.png"), img)
+    ok, jpeg = cv2.imencode(".jpg", img)
+    (folder / "a_truncated.jpg").write_bytes(jpeg.tobytes()[: len(jpeg) // 2])
+    (folder / "c_text.png").write_text("not an image")
+    out = tmp_path / "v.onnx"
+    argv = [str(res18), "-o", str(out), *SMALL, "--verify-images", str(folder)]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("centernet-export: warning: skipped 2 unreadable image(s): ")
+    assert "a_truncated.jpg (truncated JPEG" in err and "c_text.png (not a decodable image)" in err
+    assert out.exists()
+    out.unlink()
+    assert cli.main([*argv, "--strict"]) == 2
+    _one_line_error(capsys, "cannot read image a_truncated.jpg: truncated JPEG (no end-of-image marker) (--strict)")
+    assert not out.exists()
+
+
+def test_version_and_interrupted_import(monkeypatch, capsys) -> None:
+    import builtins
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"centernet-export {version('centernet-edge')}"
+    real_import = builtins.__import__
+
+    def slow_import(name, *args, **kwargs):
+        if name.endswith("onnx_export") or (args and args[2] and "onnx_export" in args[2]):
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", slow_import)
+    assert cli.main(["x.pth"]) == 130
+    assert capsys.readouterr().err == "centernet-export: interrupted; nothing written\n"

@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from centernet_edge.export.graph import AffineWarp, CenterNetDecode, KeepResPad, Normalize
+from centernet_edge.export.torch_ops import AffineWarp, CenterNetDecode, KeepResPad, Normalize
 from centernet_edge.export.verify import synthetic_images
 from centernet_edge.runtime.decode import decode_numpy, project_boxes
 from centernet_edge.runtime.geometry import compute_geometry

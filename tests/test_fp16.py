@@ -10,8 +10,8 @@ from onnx import TensorProto
 from quant_synthetic import build_synthetic_model, feeds, synthetic_spec, write_images
 
 from centernet_edge.quantize.fp16 import convert_fp16, fp16_nodes
-from centernet_edge.quantize.graph import ensure_node_names, producers, tensor_types
 from centernet_edge.quantize.placement import graph_regions
+from centernet_edge.runtime.onnx_graph import ensure_node_names, producers, tensor_types
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import pytest
 from onnx import numpy_helper
 from quant_synthetic import FRAGILE, build_synthetic_model, feeds, synthetic_spec, tensor_values, write_images
 
-from centernet_edge.quantize.graph import ensure_node_names, producers, topological_sort
 from centernet_edge.quantize.placement import graph_regions, plan_placement
 from centernet_edge.quantize.qdq import QdqError, build_qdq_model, quantize_weight_per_channel
+from centernet_edge.runtime.onnx_graph import ensure_node_names, producers, topological_sort
 
 
 @pytest.fixture(scope="module")
@@ -237,6 +237,6 @@ def test_ort_cpu_int8_model(model, qdq, batches, fmt):
 
 
 def _float_tensors(model: onnx.ModelProto) -> set[str]:
-    from centernet_edge.quantize.graph import tensor_types
+    from centernet_edge.runtime.onnx_graph import tensor_types
 
     return {name for name, t in tensor_types(model).items() if t == onnx.TensorProto.FLOAT}

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from centernet_edge.export.torch_reference import ReferenceDetector, split_heads
 from centernet_edge.runtime.decode import decode_numpy, project_boxes
 from centernet_edge.runtime.geometry import compute_geometry
 from centernet_edge.runtime.postprocess import finalize
-from centernet_edge.runtime.reference import ReferenceDetector, split_heads
 from centernet_edge.runtime.spec import (
     OFFICIAL_MEAN_BGR,
     OFFICIAL_STD_BGR,

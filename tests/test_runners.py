@@ -1,4 +1,5 @@
-"""Backend runners: registry, ONNX Runtime runner on a tiny graph with an embedded spec, torch reference."""
+"""Backend runners: explicit backend choice, the runner protocol's lifecycle, the ONNX Runtime runner on a tiny
+graph with an embedded spec, the torch reference runner."""
 
 from __future__ import annotations
 
@@ -10,16 +11,16 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from centernet_edge.eval.backends import BACKENDS, default_backend, open_runner
+from centernet_edge.export.torch_runner import TorchReferenceRunner
+from centernet_edge.runtime.onnx_session import SessionError, resolve_providers
 from centernet_edge.runtime.runners import (
     OnnxRuntimeRunner,
+    Runner,
     RunnerError,
     RunnerOptions,
-    TorchReferenceRunner,
-    available_backends,
-    backend_for_path,
-    create_runner,
-    register_backend,
-    resolve_providers,
+    StageTimes,
+    fill_fixed_batch,
 )
 from centernet_edge.runtime.spec import GraphIO, ModelSpec, TensorInfo, official_preprocess, source_decode
 
@@ -60,27 +61,49 @@ def _image(h: int, w: int, bgr: tuple[int, int, int]) -> np.ndarray:
     return np.broadcast_to(np.asarray(bgr, np.uint8), (h, w, 3)).copy()
 
 
-def test_registry_and_defaults() -> None:
-    assert {"ort", "torch"} <= set(available_backends())
-    assert backend_for_path("m.onnx") == "ort" and backend_for_path("M.PTH") == "torch"
-    with pytest.raises(RunnerError, match="no default backend for 'm.engine'.*use --backend"):
-        backend_for_path("m.engine")
-    with pytest.raises(RunnerError, match="unknown backend 'nope'; available: .*ort"):
-        create_runner("nope", "m.onnx")
-    with pytest.raises(ValueError, match="already registered"):
-        register_backend("ort", lambda *a: None)
+def test_backend_choice_is_explicit_with_defaults_by_extension() -> None:
+    assert set(BACKENDS) == {"ort", "torch", "trt"}
+    assert default_backend("m.onnx") == "ort" and default_backend("M.PTH") == "torch"
+    assert default_backend("m.engine") == "trt"
+    with pytest.raises(RunnerError, match="no default backend for 'm.bin'.*use --backend"):
+        default_backend("m.bin")
+    with pytest.raises(RunnerError, match="unknown backend 'nope'; available: ort, torch, trt"):
+        open_runner("nope", "m.onnx")
 
 
 def test_provider_resolution() -> None:
     assert resolve_providers(["cpu"]) == ["CPUExecutionProvider"]
     assert resolve_providers(None)[-1] == "CPUExecutionProvider"
-    with pytest.raises(RunnerError, match="not available in this installation: NoSuchExecutionProvider"):
+    with pytest.raises(SessionError, match="not available in this installation: NoSuchExecutionProvider"):
         resolve_providers(["NoSuchExecutionProvider"])
+
+
+def test_fixed_batch_filling() -> None:
+    batch = np.arange(6, dtype=np.float32).reshape(3, 2)
+    assert fill_fixed_batch(batch, None) is batch and fill_fixed_batch(batch, 3) is batch
+    np.testing.assert_array_equal(fill_fixed_batch(batch, 5), [[0, 1], [2, 3], [4, 5], [4, 5], [4, 5]])
+    with pytest.raises(RunnerError, match="a batch of 3 does not fit the graph's fixed batch of 2"):
+        fill_fixed_batch(batch, 2)
+
+
+def test_runner_lifecycle_raw_run_and_timing_hooks(tmp_path: Path) -> None:
+    path = _means_model(tmp_path / "means.onnx", _means_graph_spec())
+    seen: list[StageTimes] = []
+    with open_runner("ort", path, None, RunnerOptions(providers=["cpu"], threads=1)) as runner:
+        assert isinstance(runner, Runner)
+        runner.add_timing_hook(seen.append)
+        runner.run([_image(30, 40, (10, 20, 2))])
+        raw = runner.run_raw(_image(30, 40, (10, 20, 2))[None])
+        assert list(raw) == ["detections"]
+        np.testing.assert_allclose(raw["detections"], [[[10, 20, 2, 10, 20, 2]]])
+    assert seen == [runner.last_timing] and seen[0].images == 1
+    with pytest.raises(RunnerError, match="ort runner is closed"):
+        runner.run([_image(30, 40, (1, 2, 3))])
 
 
 def test_ort_runner_reads_the_embedded_spec_and_splits_time(tmp_path: Path) -> None:
     path = _means_model(tmp_path / "means.onnx", _means_graph_spec())
-    runner = create_runner("ort", path, None, RunnerOptions(providers=["cpu"], threads=1, keep_raw=True))
+    runner = open_runner("ort", path, None, RunnerOptions(providers=["cpu"], threads=1, keep_raw=True))
     assert isinstance(runner, OnnxRuntimeRunner) and runner.precision == "int8"
     # Different sizes in one call: a raw-image graph gets them one at a time.
     dets = runner.run([_image(30, 40, (10, 20, 2)), _image(50, 20, (3, 4, 1))])
@@ -123,10 +146,10 @@ def res18_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_torch_runner_matches_the_reference_detector(res18_checkpoint: Path) -> None:
     from centernet_edge.export.checkpoints import load_checkpoint
-    from centernet_edge.runtime.reference import ReferenceDetector
+    from centernet_edge.export.torch_reference import ReferenceDetector
 
     options = RunnerOptions(device="cpu", threads=1, keep_raw=True)
-    runner = create_runner("torch", res18_checkpoint, None, options)
+    runner = open_runner("torch", res18_checkpoint, None, options)
     assert isinstance(runner, TorchReferenceRunner)
     assert runner.spec.num_classes == 4 and runner.spec.category_ids is None and runner.precision == "fp32"
     rng = np.random.default_rng(0)
@@ -138,6 +161,11 @@ def test_torch_runner_matches_the_reference_detector(res18_checkpoint: Path) -> 
     np.testing.assert_array_equal(dets.labels, reference.labels)
     assert runner.raw_outputs is not None and runner.raw_outputs["heatmap"].shape == (1, 4, 128, 128)
     assert runner.last_timing is not None and runner.last_timing.infer_ms > 0
+    # The raw path returns the same heads for the prepared input.
+    inputs, _ = runner.detector.preprocess([image])
+    raw = runner.run_raw(np.stack(inputs))
+    np.testing.assert_array_equal(raw["heatmap"], runner.raw_outputs["heatmap"])
+    runner.close()
 
 
 def test_torch_fp16_needs_cuda(res18_checkpoint: Path) -> None:

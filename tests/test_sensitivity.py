@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from quant_synthetic import FRAGILE, build_synthetic_model, feeds, synthetic_spec, tensor_values, write_images
 
-from centernet_edge.quantize.graph import ensure_node_names
 from centernet_edge.quantize.head_error import HeadProbe, detection_agreement, peak_indices
 from centernet_edge.quantize.mixed import precision_table, search_mixed_precision, write_precision
 from centernet_edge.quantize.placement import plan_placement
 from centernet_edge.quantize.sensitivity import layer_sensitivity, write_sensitivity
 from centernet_edge.runtime.detections import Detections
+from centernet_edge.runtime.onnx_graph import ensure_node_names
 
 
 @pytest.fixture(scope="module")

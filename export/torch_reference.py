@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .decode import decode_torch, project_boxes
-from .detections import Detections
-from .geometry import InputGeometry, compute_geometry
-from .preprocess import check_image, normalize_image, warp_image
-from .spec import ModelSpec
+from centernet_edge.runtime.decode import decode_torch, project_boxes
+from centernet_edge.runtime.detections import Detections
+from centernet_edge.runtime.geometry import InputGeometry, compute_geometry
+from centernet_edge.runtime.preprocess import check_image, normalize_image, warp_image
+from centernet_edge.runtime.spec import ModelSpec
 
 __all__ = ["ReferenceDetector", "split_heads"]
 

@@ -1,11 +1,14 @@
-"""Robust image reading for calibration: any decodable file becomes what ``cv2.imread`` returns.
+"""The one image reader of every tool: any decodable file becomes what ``cv2.imread`` returns.
 
 Deployment reads images with ``cv2.imread(path)`` (``IMREAD_COLOR``): EXIF orientation applied, 8-bit,
 3-channel BGR. Calibration must see the same pixels, but it also has to survive whatever a user's folder
 holds, and report what it had to convert. So the file is decoded once keeping its depth and channel count
 (``IMREAD_ANYDEPTH | IMREAD_ANYCOLOR``, which still applies EXIF orientation) and then converted exactly
 the way ``IMREAD_COLOR`` would: 16-bit by dropping the low byte, gray replicated to BGR, alpha dropped.
-Nothing here raises for a bad file: the caller gets ``None`` and a reason.
+Nothing here raises for a bad file: the caller gets ``None`` and a reason, and a :class:`ReadReport`
+counts and names what was skipped. One policy for calibration, evaluation and export verification:
+unreadable, truncated and non-image files are skipped, counted and named; a strict report (the tools'
+``--strict``) raises :class:`UnreadableImageError` at the first one instead.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-__all__ = ["IMAGE_EXTENSIONS", "ReadReport", "decode_bgr", "read_bgr"]
+__all__ = ["IMAGE_EXTENSIONS", "ReadReport", "UnreadableImageError", "decode_bgr", "read_bgr"]
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm",
@@ -26,20 +29,40 @@ IMAGE_EXTENSIONS = frozenset(
 )
 
 _DECODE_FLAGS = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+_LISTED = 10  # skipped files named in a one-line message before summarising
+
+
+class UnreadableImageError(ValueError):
+    """A strict read met a file that is not a readable image."""
 
 
 @dataclass
 class ReadReport:
-    """Counts of what happened while reading a calibration set (for the summary and the log)."""
+    """Counts of what happened while reading a set of images (for reports, summaries and the log).
+
+    ``strict``: the first unreadable file raises :class:`UnreadableImageError` instead of being skipped.
+    """
 
     read: int = 0
     skipped: int = 0
     conversions: Counter = field(default_factory=Counter)
     skip_reasons: dict[str, str] = field(default_factory=dict)
+    strict: bool = False
 
     def note_skip(self, name: str, reason: str) -> None:
+        if self.strict:
+            raise UnreadableImageError(f"cannot read image {name}: {reason} (--strict)")
         self.skipped += 1
         self.skip_reasons[name] = reason
+
+    def skip_line(self, what: str = "image") -> str:
+        """``skipped 2 unreadable image(s): a.jpg (empty file), b.png (...)``; empty when none was."""
+        if not self.skipped:
+            return ""
+        items = sorted(self.skip_reasons.items())
+        shown = ", ".join(f"{name} ({reason})" for name, reason in items[:_LISTED])
+        more = f", ... ({len(items)} in all)" if len(items) > _LISTED else ""
+        return f"skipped {self.skipped} unreadable {what}(s): {shown}{more}"
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -96,6 +119,8 @@ def decode_bgr(data: bytes | np.ndarray) -> tuple[np.ndarray | None, list[str], 
     except cv2.error as exc:
         return None, [], f"decoder error: {str(exc).strip().splitlines()[-1]}"
     if img is None:
+        if buf[:2].tobytes() == b"\xff\xd8" and b"\xff\xd9" not in buf[-64:].tobytes():
+            return None, [], "truncated JPEG (no end-of-image marker)"
         return None, [], "not a decodable image"
     if img.size == 0 or img.shape[0] == 0 or img.shape[1] == 0:
         return None, [], f"decoded to an empty image {img.shape}"
@@ -112,9 +137,11 @@ def decode_bgr(data: bytes | np.ndarray) -> tuple[np.ndarray | None, list[str], 
     return np.ascontiguousarray(img), conversions, None
 
 
-def read_bgr(path: str | os.PathLike[str], report: ReadReport | None = None) -> np.ndarray | None:
-    """Read ``path`` as cv2.imread would (BGR uint8), or return ``None`` (and note why in ``report``)."""
-    name = str(path)
+def read_bgr(path: str | os.PathLike[str], report: ReadReport | None = None, name: str | None = None
+             ) -> np.ndarray | None:
+    """Read ``path`` as cv2.imread would (BGR uint8), or return ``None`` (and note why in ``report``,
+    under ``name``, by default the path as given)."""
+    name = name or str(path)
     try:
         # np.fromfile + imdecode also handles non-ASCII paths, which cv2.imread does not on every platform.
         data = np.fromfile(Path(path), dtype=np.uint8)
@@ -129,3 +156,21 @@ def read_bgr(path: str | os.PathLike[str], report: ReadReport | None = None) -> 
             report.read += 1
             report.conversions.update(conversions)
     return img
+
+
+def relative_name(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` in POSIX form (so names and hashes agree across operating systems)."""
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
+def list_images(folder: str | os.PathLike[str], recursive: bool = False) -> list[Path]:
+    """Image files (by extension) in ``folder``, sorted by relative name; hidden files are ignored.
+
+    Every tool lists a folder this way; whether a listed file really decodes is :func:`read_bgr`'s call."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder does not exist: {root}")
+    pattern = root.rglob("*") if recursive else root.iterdir()
+    found = [p for p in pattern
+             if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")]
+    return sorted(found, key=lambda p: relative_name(p, root))

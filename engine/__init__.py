@@ -1,0 +1,1 @@
+"""TensorRT engines from exported or calibrated CenterNet ONNX models (``centernet-build``)."""
