@@ -20,6 +20,9 @@ ALLOWED: dict[str, set[str]] = {
     "export": {"runtime"},
     "quantize": {"runtime", "calib_data"},
     "eval": {"runtime", "calib_data", "export"},
+    "detect": {"runtime", "eval"},  # eval.backends opens the runner for a model file
+    # The front door (the package's own folder) re-exports the pipeline; ``api`` is its own module.
+    "centernet_edge": {"runtime", "calib_data", "export", "quantize", "eval", "detect", "api"},
 }
 OPTIONAL_LAYERS: dict[str, set[str]] = {
     "engine": {"runtime", "calib_data", "quantize"},
