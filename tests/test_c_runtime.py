@@ -59,6 +59,15 @@ def _session(model) -> ort.InferenceSession:
 class Exported:
     """An end-to-end export (uint8 in, detections out) and its network-only sibling of one tiny network."""
 
+    @staticmethod
+    def network_graph(size, classes: int = 1):
+        from centernet_edge.runtime.spec import GraphIO, TensorInfo
+
+        h, w = size[0] // 4, size[1] // 4
+        return GraphIO(preprocess="none", decode=False, input=TensorInfo("input", "float32", [1, 3, *size], "NCHW"),
+                       outputs={r: TensorInfo(r, "float32", [1, c, h, w], "NCHW")
+                                for r, c in (("heatmap", classes), ("wh", 2), ("reg", 2))})
+
     def __init__(self, source: str, keep_res: bool, input_size=None) -> None:
         from centernet_edge.export.onnx_export import ExportOptions, build_spec, export_onnx
 
@@ -113,24 +122,38 @@ def test_preprocess_matches_reference_on_dev_images(clib, exported, dev_images, 
 
 
 @pytest.mark.parametrize("size", [(96, 128), (416, 416), (512, 384)])
-def test_affine_warp_equals_the_exported_graph(clib, exported, dev_images, size):
+def test_affine_warp_equals_the_exported_graph(clib, dev_images, size):
     """At sizes where cv2 itself differs from the graph by rounding, the C warp follows the graph."""
-    from centernet_edge.export.onnx_export import ExportOptions, build_spec, export_onnx
-
-    opts = ExportOptions(input_size=size, preprocess="warp", decode=False)
-    spec = build_spec(arch="tiny", source="official", num_classes=NUM_CLASSES, options=opts)
-    # A network that returns its input: the heads are the graph's normalised input, read back as uint8.
     import torch
 
     from centernet_edge.export.graph import AffineWarp
+    from centernet_edge.runtime.spec import official_preprocess
 
     warp = AffineWarp(size)
+    spec = ModelSpec("w", "official", "tiny", 1, ["a"], official_preprocess(input_size=size), Decode(),
+                     Exported.network_graph(size))
     ctx = clib.context(config_values(spec))
     for img in dev_images[:8] + [np.full((7, 5, 3), 200, np.uint8)]:
         want, _ = warp(torch.from_numpy(img)[None])
         got, _ = ctx.preprocess(img, "BGR", "uint8_bgr_nhwc")
         np.testing.assert_array_equal(got, want[0].permute(1, 2, 0).numpy().astype(np.uint8))
-    del export_onnx
+
+
+def test_default_c_config_is_the_official_spec(clib):
+    """cn_config_default (official 512x512 COCO, sigmoid heads) equals config_values of that spec."""
+    import ctypes
+
+    from centernet_edge.runtime.clib import Config
+    from centernet_edge.runtime.spec import official_preprocess, source_decode
+
+    cfg = Config()
+    assert clib.lib.cn_config_default(ctypes.byref(cfg)) == 0
+    spec = ModelSpec("d", "official", "any", 80, [str(i) for i in range(80)], official_preprocess(),
+                     replace(source_decode("official"), heatmap_activation="sigmoid"),
+                     Exported.network_graph((512, 512), 80))
+    for key, value in config_values(spec).items():
+        got = getattr(cfg, key)
+        assert (list(got) if key in ("mean", "std") else got) == value, key
 
 
 def test_pixel_formats_strides_and_quantised_outputs(clib, exported):
@@ -348,8 +371,3 @@ def test_real_mb3_heads(clib, mb3_onnx, dev_images):
         assert_same_detections(got, Detections(boxes, dec.scores[0], dec.classes[0]), what="mb3")
         checked += int((got.scores > 0.3).sum())
     assert checked > 0, "mb3 should find confident objects in the dev photos"
-
-
-def test_decode_spec_defaults_are_what_the_c_config_encodes():
-    d = Decode()
-    assert (d.peak_kernel, d.stride) == (3, 4)
