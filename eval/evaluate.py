@@ -288,5 +288,6 @@ def evaluate_models(
         cache.store(key, CachedRun(base.detections, {"runner": base.runner_info,
                                                      "model": base.entry.model_path.name}))
     opts = {"clip_boxes": clip_boxes, "providers": options.providers, "threads": options.threads,
-            "warmup": warmup, "limit": limit, "agreement_iou": agreement_iou, "agreement_min_score": agreement_min_score}
+            "warmup": warmup, "limit": limit, "agreement_iou": agreement_iou,
+            "agreement_min_score": agreement_min_score}
     return EvaluationResult(dataset, runs, baseline, agreements, opts, reads, scored)
