@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from centernet_edge.runtime.cli_common import OneLineParser, add_common_flags
+from centernet_edge.runtime.cli_common import OneLineParser, add_common_flags, run_main
 
 if TYPE_CHECKING:
     from .evaluate import EvaluationResult, ModelEntry
@@ -253,11 +253,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        return _main(argv)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
-        return 130
+    return run_main(PROG, _main, argv)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from centernet_edge.runtime.cli_common import OneLineParser, add_common_flags
+from centernet_edge.runtime.cli_common import OneLineParser, add_common_flags, run_main
 
 if TYPE_CHECKING:
     from .pipeline import CalibrateResult
@@ -182,11 +182,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        return _main(argv)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
-        return 130
+    return run_main(PROG, _main, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover
