@@ -11,6 +11,7 @@ from typing import Any
 
 import onnx
 
+from centernet_edge.quantize.manifest import ARTIFACTS, read_summary
 from centernet_edge.runtime.clib import ABI_VERSION, C_DIR, LIBRARY_SOURCES, config_header
 from centernet_edge.runtime.hashing import file_sha256
 from centernet_edge.runtime.spec import ModelSpec, SpecError
@@ -20,8 +21,7 @@ from .readme import render_readme
 
 __all__ = ["BundleError", "BundleResult", "make_bundle", "resolve_model"]
 
-CALIBRATION_ARTIFACTS = ("model_int8_qdq.onnx", "calibration.cache", "model_int8_cpu.onnx", "model_fp16.onnx",
-                         "summary.json", "precision.json")
+CALIBRATION_ARTIFACTS = tuple(ARTIFACTS[k] for k in ("qdq", "cache", "cpu", "fp16", "summary", "precision"))
 
 
 class BundleError(ValueError):
@@ -37,10 +37,10 @@ class BundleResult:
 
 def _calibration_model(folder: Path) -> Path:
     """The fp32 model a calibration folder was made from: the .onnx beside or inside it with the recorded hash."""
-    summary_path = folder / "summary.json"
+    summary_path = folder / ARTIFACTS["summary"]
     if not summary_path.is_file():
-        raise BundleError(f"{folder} is not a centernet-calibrate folder (no summary.json)")
-    summary = json.loads(summary_path.read_text())
+        raise BundleError(f"{folder} is not a centernet-calibrate folder (no {ARTIFACTS['summary']})")
+    summary = read_summary(summary_path)
     want = summary.get("model_sha256")
     candidates = [p for p in sorted(folder.glob("*.onnx")) + sorted(folder.parent.glob("*.onnx"))
                   if p.name not in CALIBRATION_ARTIFACTS]

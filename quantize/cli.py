@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _report(result: CalibrateResult, quiet: bool) -> None:
-    from .pipeline import ARTIFACTS
+    from .manifest import ARTIFACTS
 
     print(f"wrote {len(result.written)} file(s) to {result.out_dir}" + ("" if quiet else ":"))
     if quiet:
@@ -152,8 +152,8 @@ def _report(result: CalibrateResult, quiet: bool) -> None:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    from .manifest import StaleCacheError
     from .pipeline import CalibrateOptions, calibrate
-    from .trt_cache import StaleCacheError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
