@@ -266,17 +266,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return known
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 ok, 2 bad input, 130 interrupted)."""
+def _main(argv: Sequence[str] | None) -> int:
     try:
-        try:
-            args = build_parser().parse_args(argv)
-        except SystemExit as exc:  # --help, --version, or a bad flag already reported in one line
-            return exc.code if isinstance(exc.code, int) else 2
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a bad flag already reported in one line
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
         document = run(args)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
-        return 130
     except Exception as exc:
         if not isinstance(exc, _user_errors()):
             raise
@@ -290,6 +286,13 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"and detections.json to {args.output_dir}" + (f"; skipped {len(document['skipped'])}"
                                                          if document["skipped"] else ""))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (0 ok, 2 bad input, 130 interrupted)."""
+    from centernet_edge.runtime.cli_common import run_main
+
+    return run_main(PROG, _main, argv)
 
 
 if __name__ == "__main__":

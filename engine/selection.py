@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from centernet_edge.quantize.artifacts import derived_spec
-from centernet_edge.quantize.pipeline import ARTIFACTS
-from centernet_edge.quantize.trt_cache import read_summary
+from centernet_edge.quantize.manifest import ARTIFACTS, read_summary
 from centernet_edge.runtime.hashing import file_sha256
 from centernet_edge.runtime.spec import ModelSpec, load_spec
 

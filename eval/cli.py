@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from centernet_edge.runtime.cli_common import OneLineParser, add_common_flags
+from centernet_edge.runtime.cli_common import OneLineParser, add_common_flags, run_main
 
 if TYPE_CHECKING:
     from .evaluate import EvaluationResult, ModelEntry
@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out-dir", type=Path, default=Path("eval_report"), metavar="DIR",
                    help="where report.md, report.json and the figures go (default: ./eval_report)")
     p.add_argument("--no-cache", action="store_true", help="always re-run the baseline")
+    p.add_argument("--no-clip", action="store_true",
+                   help="score boxes as the model returns them, unclipped (upstream CenterNet's protocol); by "
+                   "default boxes are clipped to the image first")
     p.add_argument("--cache-dir", type=Path, metavar="DIR",
                    help="baseline cache (default: $XDG_CACHE_HOME or ~/.cache, /centernet-edge/eval)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
@@ -199,6 +202,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = evaluate_models(
         entries, dataset, baseline, options, cache=cache, limit=args.limit, progress=not args.quiet,
         agreement_min_score=args.agreement_score, warmup=args.warmup, strict=args.strict,
+        clip_boxes=not args.no_clip,
     )
     report = build_report(result)
     with staged_dir(out_dir) as stage:
@@ -249,11 +253,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        return _main(argv)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
-        return 130
+    return run_main(PROG, _main, argv)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 
-def protocol_of(spec: ModelSpec) -> dict[str, Any]:
+def protocol_of(spec: ModelSpec, clip_boxes: bool = True) -> dict[str, Any]:
     """The settings that change AP without changing the network: input geometry, decode, eval rules.
 
     Two rows are comparable as a pure precision/backend delta only when these agree.
@@ -56,6 +56,8 @@ def protocol_of(spec: ModelSpec) -> dict[str, Any]:
         "max_dets": MAX_DETS,
         "score_threshold": None,
         "score_rounding": None,
+        # Boxes clipped to the image before scoring; upstream's evaluation does not clip (--no-clip).
+        "clip_boxes": bool(clip_boxes),
     }
 
 
@@ -177,10 +179,10 @@ class EvaluationResult:
         return self.runs[self.baseline]
 
 
-def _cache_protocol(entry: ModelEntry, options: RunnerOptions) -> dict[str, Any]:
+def _cache_protocol(entry: ModelEntry, options: RunnerOptions, clip_boxes: bool) -> dict[str, Any]:
     spec = entry.spec.to_dict()
     spec.pop("provenance", None)  # free text (notes, dates) must not invalidate results
-    return {"spec": spec, "eval": protocol_of(entry.spec), "backend": entry.backend,
+    return {"spec": spec, "eval": protocol_of(entry.spec, clip_boxes), "backend": entry.backend,
             "providers": options.providers, "fp16": entry.fp16 or options.fp16}
 
 
@@ -197,6 +199,7 @@ def evaluate_models(
     warmup: int = 1,
     runner_factory: Callable[[ModelEntry, RunnerOptions], Runner] | None = None,
     strict: bool = False,
+    clip_boxes: bool = True,
 ) -> EvaluationResult:
     """Run every model over ``dataset`` (baseline restored from ``cache`` when possible) and score them.
 
@@ -212,7 +215,7 @@ def evaluate_models(
     key = None
     base_entry = entries[baseline]
     if cache is not None and base_entry.spec is not None:
-        key = cache_key(base_entry.sha256, dataset.fingerprint, _cache_protocol(base_entry, options), limit)
+        key = cache_key(base_entry.sha256, dataset.fingerprint, _cache_protocol(base_entry, options, clip_boxes), limit)
         cached = cache.load(key)
 
     # Heatmaps are only worth fetching when a live baseline has someone to be compared with.
@@ -259,7 +262,8 @@ def evaluate_models(
         scored.append(image_id)
         heat: dict[int, np.ndarray | None] = {}
         for i, runner in runners.items():
-            runs[i].detections[image_id] = runner.run([image])[0].clipped(*image.shape[:2])
+            dets = runner.run([image])[0]
+            runs[i].detections[image_id] = dets.clipped(*image.shape[:2]) if clip_boxes else dets
             runs[i].timings.append(runner.last_timing)  # type: ignore[arg-type]
             raw = getattr(runner, "raw_outputs", None)
             heat[i] = heatmap_probabilities(raw["heatmap"], runner.spec) if raw and "heatmap" in raw else None
@@ -283,6 +287,7 @@ def evaluate_models(
         base = runs[baseline]
         cache.store(key, CachedRun(base.detections, {"runner": base.runner_info,
                                                      "model": base.entry.model_path.name}))
-    opts = {"providers": options.providers, "threads": options.threads, "warmup": warmup, "limit": limit,
-            "agreement_iou": agreement_iou, "agreement_min_score": agreement_min_score}
+    opts = {"clip_boxes": clip_boxes, "providers": options.providers, "threads": options.threads,
+            "warmup": warmup, "limit": limit, "agreement_iou": agreement_iou,
+            "agreement_min_score": agreement_min_score}
     return EvaluationResult(dataset, runs, baseline, agreements, opts, reads, scored)

@@ -115,11 +115,11 @@ def _difference(value: float | None, base: float | None) -> float | None:
     return None if value is None or base is None else value - base
 
 
-def _row(run: ModelRun, base: ModelRun | None) -> ReportRow:
+def _row(run: ModelRun, base: ModelRun | None, clip_boxes: bool = True) -> ReportRow:
     assert run.metrics is not None and run.entry.spec is not None
     spec = run.entry.spec
     stats = _percent(run.metrics.stats)
-    protocol = protocol_of(spec)
+    protocol = protocol_of(spec, clip_boxes)
     mismatch: list[str] = []
     delta_ap = delta_ap50 = None
     if base is not None:
@@ -128,7 +128,7 @@ def _row(run: ModelRun, base: ModelRun | None) -> ReportRow:
         # Difference of the reported percentages, so it equals what two separate reports would give.
         delta_ap = _difference(stats["AP"], base_stats["AP"])
         delta_ap50 = _difference(stats["AP50"], base_stats["AP50"])
-        mismatch = protocol_differences(protocol, protocol_of(base.entry.spec))
+        mismatch = protocol_differences(protocol, protocol_of(base.entry.spec, clip_boxes))
     latency = run.latency
     precision = str(run.runner_info.get("precision") or run.entry.precision)
     return ReportRow(
@@ -178,7 +178,8 @@ def build_report(result: EvaluationResult) -> dict[str, Any]:
     """The report as a JSON-ready dict (rows in model order, baseline first)."""
     base = result.baseline_run
     order = [result.baseline] + [i for i in range(len(result.runs)) if i != result.baseline]
-    rows = [_row(result.runs[i], None if i == result.baseline else base) for i in order]
+    clip = bool(result.options.get("clip_boxes", True))
+    rows = [_row(result.runs[i], None if i == result.baseline else base, clip) for i in order]
     dataset = result.dataset
     return {
         "format": REPORT_FORMAT,

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from centernet_edge.runtime.cli_common import QUIET_HELP, add_common_flags
+from centernet_edge.runtime.cli_common import QUIET_HELP, add_common_flags, run_main
 from centernet_edge.runtime.spec import GRAPH_PREPROCESS
 
 if TYPE_CHECKING:
@@ -188,11 +188,7 @@ def _main(argv: list[str] | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 1 verification failed, 2 usage/input error, 130 Ctrl-C)."""
-    try:
-        return _main(argv)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
-        return 130
+    return run_main(PROG, _main, argv)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from centernet_edge.runtime.cli_common import OneLineParser, add_common_flags
+from centernet_edge.runtime.cli_common import OneLineParser, add_common_flags, run_main
 
 if TYPE_CHECKING:
     from .pipeline import CalibrateResult
@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _report(result: CalibrateResult, quiet: bool) -> None:
-    from .pipeline import ARTIFACTS
+    from .manifest import ARTIFACTS
 
     print(f"wrote {len(result.written)} file(s) to {result.out_dir}" + ("" if quiet else ":"))
     if quiet:
@@ -152,8 +152,8 @@ def _report(result: CalibrateResult, quiet: bool) -> None:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    from .manifest import StaleCacheError
     from .pipeline import CalibrateOptions, calibrate
-    from .trt_cache import StaleCacheError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
@@ -182,11 +182,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        return _main(argv)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
-        return 130
+    return run_main(PROG, _main, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -32,6 +32,7 @@ from .artifacts import derived_spec, save_model, sidecar_path
 from .fp16 import convert_fp16
 from .head_error import HeadProbe
 from .layer_error import compare_tensors, write_layer_errors
+from .manifest import ARTIFACTS, INT8_ARTIFACTS, calibration_summary, check_reusable, read_summary, write_summary
 from .mixed import DEFAULT_BUDGET, MixedResult, search_mixed_precision, write_precision
 from .ort_cpu_int8 import CpuInt8Config, build_ort_cpu_int8_with_report, ort_ranges
 from .parallel import default_workers
@@ -42,35 +43,12 @@ from .sensitivity import layer_sensitivity, write_sensitivity
 from .stats import CalibrationStats, collect_calibration_stats
 from .tensors import calibration_tensors
 from .thresholds import METHODS, compute_amaxes
-from .trt_cache import (
-    DEFAULT_TRT_VERSION,
-    cache_header_note,
-    calibration_summary,
-    check_reusable,
-    read_summary,
-    render_cache,
-    trt_version_int,
-    write_cache,
-    write_summary,
-)
+from .trt_cache import DEFAULT_TRT_VERSION, cache_header_note, render_cache, trt_version_int, write_cache
 
-__all__ = ["ARTIFACTS", "INT8_ARTIFACTS", "CalibrateOptions", "CalibrateResult", "calibrate"]
+__all__ = ["CalibrateOptions", "CalibrateResult", "calibrate"]
 
 log = logging.getLogger("centernet_edge.quantize")
 
-ARTIFACTS = {
-    "cache": "calibration.cache",
-    "qdq": "model_int8_qdq.onnx",
-    "cpu": "model_int8_cpu.onnx",
-    "fp16": "model_fp16.onnx",
-    "sensitivity_json": "sensitivity.json",
-    "sensitivity_md": "sensitivity.md",
-    "precision": "precision.json",
-    "summary": "summary.json",
-    "timings": "timings.json",
-    "layer_error_json": "layer_error.json",
-    "layer_error_md": "layer_error.md",
-}
 # "downstream": per tensor, the histogram candidate whose int8 round trip changes the reading layer's
 # output least (quantize/range_search.py).
 DOWNSTREAM = "downstream"
@@ -80,8 +58,6 @@ DOWNSTREAM_CANDIDATES: tuple[tuple[str, dict[str, Any]], ...] = (
     ("percentile", {"percentile": 99.99}), ("percentile_99.9", {"percentile": 99.9}),
     ("percentile_99.999", {"percentile": 99.999}), ("mse", {}), ("entropy", {}), ("minmax", {}),
 )
-INT8_ARTIFACTS = ("qdq", "cpu", "sensitivity_json", "sensitivity_md", "precision", "layer_error_json",
-                  "layer_error_md")
 
 
 @dataclass

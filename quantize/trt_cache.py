@@ -1,4 +1,4 @@
-"""TensorRT calibration cache files, the JSON summary beside them, and refusing stale ones.
+"""TensorRT calibration cache files: rendering, parsing and the header TensorRT reads.
 
 Cache format (REFERENCE §0 item 9, §2.3): line 1 ``TRT-<version>-<Algorithm>``, then ``<tensor>: <hex>``
 where ``<hex>`` is the big-endian IEEE-754 float32 bit pattern of ``scale = amax / 127`` in lowercase hex
@@ -7,13 +7,11 @@ without ``0x`` (``0`` for a zero range). ``<version>`` is ``NV_TENSORRT_VERSION`
 (8.6.1 -> 8601). Tensor names are ONNX value names (what TensorRT's ONNX parser calls its tensors).
 Lines are sorted by name so equal inputs give byte-identical files.
 
-The cache cannot say what it was computed from, so a JSON summary (model sha256, calibration-set hash,
-method, per-tensor amax) is written next to it; :func:`check_reusable` compares it with the current run.
+The cache cannot say what it was computed from; the run's manifest (``quantize/manifest.py``) records that.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -22,10 +20,8 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from centernet_edge.runtime.atomic import atomic_write_text
-from centernet_edge.runtime.spec import toolkit_version
 
 __all__ = [
     "ALGORITHMS",
@@ -33,20 +29,14 @@ __all__ = [
     "METHOD_ALGORITHM",
     "CacheFormatError",
     "CalibrationCache",
-    "StaleCacheError",
     "amax_to_hex",
     "cache_header_note",
-    "calibration_summary",
-    "check_reusable",
     "hex_to_amax",
     "parse_cache",
     "read_cache",
-    "read_summary",
     "render_cache",
-    "summary_path_for",
     "trt_version_int",
     "write_cache",
-    "write_summary",
 ]
 
 log = logging.getLogger("centernet_edge.quantize")
@@ -58,7 +48,6 @@ ALGORITHMS = ("EntropyCalibration2", "EntropyCalibration", "MinMaxCalibration", 
 METHOD_ALGORITHM = {"entropy": "EntropyCalibration2", "minmax": "MinMaxCalibration",
                     "percentile": "EntropyCalibration2", "mse": "EntropyCalibration2",
                     "downstream": "EntropyCalibration2"}
-SUMMARY_FORMAT = 1
 _INT8_MAX = 127.0
 _HEADER = re.compile(r"^TRT-(\d+)-([A-Za-z0-9]+)$")
 _HEX = re.compile(r"^[0-9a-fA-F]{1,8}$")
@@ -66,10 +55,6 @@ _HEX = re.compile(r"^[0-9a-fA-F]{1,8}$")
 
 class CacheFormatError(ValueError):
     """A calibration cache file is malformed."""
-
-
-class StaleCacheError(RuntimeError):
-    """An existing cache/summary was made for another model, calibration set or method."""
 
 
 @dataclass(frozen=True)
@@ -185,108 +170,3 @@ def parse_cache(text: str, source: str = "calibration cache") -> CalibrationCach
 def read_cache(path: str | os.PathLike[str]) -> CalibrationCache:
     p = Path(path)
     return parse_cache(p.read_text(encoding="utf-8"), source=p.name)
-
-
-# ---- summary & staleness --------------------------------------------------------------------------
-
-
-def summary_path_for(cache_path: str | os.PathLike[str]) -> Path:
-    """Where the summary of a cache lives by default: ``<cache>.json``."""
-    p = Path(cache_path)
-    return p.with_name(p.name + ".json")
-
-
-def calibration_summary(
-    *,
-    model_sha256: str,
-    dataset_hash: str,
-    method: str,
-    amaxes: Mapping[str, float],
-    method_options: Mapping[str, Any] | None = None,
-    num_images: int | None = None,
-    trt_header: str | None = None,
-    extra: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The provenance record of one calibration (no timestamps: equal inputs give equal files)."""
-    summary: dict[str, Any] = {
-        "format": SUMMARY_FORMAT,
-        "toolkit_version": toolkit_version(),
-        "model_sha256": model_sha256,
-        "dataset_hash": dataset_hash,
-        "method": method,
-        "method_options": dict(method_options or {}),
-        "num_images": num_images,
-        "trt_cache_header": trt_header,
-        "amax": {name: float(amaxes[name]) for name in sorted(amaxes)},
-    }
-    if extra:
-        clash = sorted(set(extra) & set(summary))
-        if clash:
-            raise ValueError(f"extra summary fields clash with standard ones: {clash}")
-        summary.update(extra)
-    return summary
-
-
-def write_summary(path: str | os.PathLike[str], summary: Mapping[str, Any]) -> Path:
-    return atomic_write_text(path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
-
-
-def read_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise StaleCacheError(f"calibration summary {p.name} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise StaleCacheError(f"calibration summary {p.name} is not a JSON object")
-    return data
-
-
-def _short(key: str, value: Any) -> Any:
-    return value[:12] if isinstance(value, str) and key.endswith(("sha256", "hash")) else value
-
-
-def check_reusable(
-    cache_path: str | os.PathLike[str],
-    *,
-    model_sha256: str,
-    dataset_hash: str,
-    method: str,
-    method_options: Mapping[str, Any] | None = None,
-    summary_path: str | os.PathLike[str] | None = None,
-    force: bool = False,
-) -> bool:
-    """Whether an existing cache may be reused for this model, calibration set and method.
-
-    True: it exists and its summary matches. False: there is nothing to reuse, or ``force`` is set (the
-    caller recalibrates and overwrites). Raises :class:`StaleCacheError` when a cache exists but was
-    made from something else, or cannot be verified because its summary is missing or unreadable.
-    ``method_options`` (e.g. the percentile) are compared only when given.
-    """
-    cache = Path(cache_path)
-    summary_file = Path(summary_path) if summary_path is not None else summary_path_for(cache)
-    if not cache.exists():
-        return False
-    if force:
-        log.warning("recalibrating over existing cache %s (forced)", cache)
-        return False
-    if not summary_file.is_file():
-        raise StaleCacheError(
-            f"calibration cache {cache.name} exists but has no summary ({summary_file.name}), so it cannot "
-            "be checked against this model and calibration set; delete it or pass --force to recalibrate"
-        )
-    recorded = read_summary(summary_file)
-    current: dict[str, Any] = {"model_sha256": model_sha256, "dataset_hash": dataset_hash, "method": method}
-    if method_options is not None:
-        current["method_options"] = dict(method_options)
-    differences = []
-    for key, now in current.items():
-        was = recorded.get(key)
-        if was != now:
-            differences.append(f"{key} {_short(key, was)!r} (now {_short(key, now)!r})")
-    if differences:
-        raise StaleCacheError(
-            f"calibration cache {cache.name} is stale: it was made for " + "; ".join(differences)
-            + ". Delete it or pass --force to recalibrate."
-        )
-    return True

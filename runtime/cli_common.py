@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .spec import toolkit_version
 
-__all__ = ["QUIET_HELP", "OneLineParser", "OutputError", "add_common_flags", "check_output_dir", "check_output_file"]
+__all__ = ["QUIET_HELP", "OneLineParser", "OutputError", "add_common_flags", "check_output_dir", "check_output_file",
+           "run_main"]
 
 QUIET_HELP = ("no progress bars, step messages or tables: only the line saying what was written (and a "
               "verification verdict), warnings and errors")
@@ -73,3 +76,16 @@ def check_output_dir(path: str | os.PathLike[str]) -> Path:
         raise OutputError(f"output folder {target} exists and is not a directory")
     _check_writable_dir(_nearest_existing(target), target)
     return target
+
+
+def run_main(prog: str, body: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None,
+             interrupted: str = "interrupted; nothing written") -> int:
+    """Run a tool's ``body(argv)``; Ctrl-C anywhere in it (heavy imports included) is one line, exit 130.
+
+    Each tool imports torch/ONNX Runtime inside its body, so an interrupt while they load is caught here
+    too."""
+    try:
+        return body(argv)
+    except KeyboardInterrupt:
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return 130

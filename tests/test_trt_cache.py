@@ -8,21 +8,23 @@ import struct
 
 import pytest
 
-from centernet_edge.quantize.trt_cache import (
-    CacheFormatError,
+from centernet_edge.quantize.manifest import (
     StaleCacheError,
-    amax_to_hex,
     calibration_summary,
     check_reusable,
+    read_summary,
+    summary_path_for,
+    write_summary,
+)
+from centernet_edge.quantize.trt_cache import (
+    CacheFormatError,
+    amax_to_hex,
     hex_to_amax,
     parse_cache,
     read_cache,
-    read_summary,
     render_cache,
-    summary_path_for,
     trt_version_int,
     write_cache,
-    write_summary,
 )
 
 
