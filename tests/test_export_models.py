@@ -121,9 +121,15 @@ def _check_graph(model: onnx.ModelProto, arch: str) -> None:
 def _assert_verified(report) -> None:
     assert report.passed, report.table()
     for check in report.checks:
-        # Heads agree to float rounding; detections one to one up to a near-tie swapped at rank K.
+        # Heads agree with the float64 reference to float32 rounding: measured ONNX Runtime errors are
+        # 3e-8..5e-7, at or below PyTorch's own float32 floor (2e-7..1e-6) on these models.
         assert max(check.head_err.values()) < 1e-4, report.table()
-        assert check.matched >= 0.98 and check.n_onnx == 100, report.table()
+        assert max(check.head_err.values()) <= 4 * max(max(check.noise_floor.values()), 1e-7), report.table()
+        # Every reference detection is matched or a float64 near-tie (dla_34's random heads have plateaus
+        # where neighbouring cells differ by ~1e-7, below float32 noise: a peak can legitimately move to
+        # its neighbour, and 1-3 of 100 rows did, in PyTorch float32 as well as in ONNX Runtime).
+        assert check.matched + check.tied == 1.0 and check.unexplained_onnx == 0, report.table()
+        assert check.tied <= 0.05 and check.n_onnx == 100, report.table()
         assert check.box_err < 0.05 and check.score_err < 1e-5, report.table()
     assert report.batch_err is not None and report.batch_err < 1e-4
 
