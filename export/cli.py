@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from centernet_edge.runtime.spec import GRAPH_PREPROCESS, SpecError
+from centernet_edge.runtime.spec import GRAPH_PREPROCESS, OFFICIAL_NORMALIZATIONS, SpecError
 
 from .onnx_export import MAX_OPSET, MAX_TOPK, MIN_OPSET, ExportError, ExportOptions
 
@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--topk", type=int, default=100, help=f"detections per image, 1..{MAX_TOPK} (default 100)")
     g.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET}")
     g.add_argument("--name", help="model name stored in the spec (default: checkpoint stem)")
+    g.add_argument("--official-normalization", choices=OFFICIAL_NORMALIZATIONS, default=None,
+                   help="official checkpoints only: 'test' (default) is test.py's precise dataset mean/std, with "
+                   "which the published COCO AP was measured; 'demo' is the rounded mean/std of demo.py and "
+                   "opts().init(). Recorded in the model spec")
     g.add_argument("--no-optimize", action="store_true",
                    help="keep the graph as traced (default: fold BN, rewrite ConvTranspose as Conv + interleave)")
     v = p.add_argument_group("verification")
@@ -105,6 +109,7 @@ def _options(args: argparse.Namespace) -> ExportOptions:
     return ExportOptions(
         keep_res=args.keep_res, input_size=size, preprocess=args.preprocess, decode=not args.no_decode,
         batch=args.batch, topk=args.topk, opset=args.opset, name=args.name, optimize=not args.no_optimize,
+        official_normalization=args.official_normalization,
     )
 
 
