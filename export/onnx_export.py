@@ -24,6 +24,7 @@ from centernet_edge.runtime.spec import (
     COCO_CATEGORY_IDS,
     COCO_CLASS_NAMES,
     GRAPH_PREPROCESS,
+    OFFICIAL_NORMALIZATIONS,
     GraphIO,
     ModelSpec,
     TensorInfo,
@@ -67,6 +68,8 @@ class ExportOptions:
     batch: fixed batch size, or None for a dynamic one.
     optimize: apply the graph rewrites of :mod:`.optimize` (same values up to float32 summation order;
     ConvTranspose becomes Conv + a one-hot interleave). False keeps the graph as traced.
+    official_normalization: for official checkpoints, 'test' (test.py's precise mean/std, the reported
+    COCO AP; the default when None) or 'demo' (the rounded mean/std of demo.py and ``opts().init()``).
     """
 
     keep_res: bool = False
@@ -78,6 +81,7 @@ class ExportOptions:
     opset: int = MIN_OPSET
     name: str | None = None
     optimize: bool = True
+    official_normalization: str | None = None
 
     def network_size(self) -> tuple[int, int] | None:
         if self.keep_res:
@@ -96,6 +100,9 @@ class ExportOptions:
                 f"--opset must be {MIN_OPSET}..{MAX_OPSET}: DeformConv needs opset 19 and the TorchScript "
                 f"exporter supports up to {MAX_OPSET}; got {self.opset}"
             )
+        if self.official_normalization not in (None, *OFFICIAL_NORMALIZATIONS):
+            raise ExportError(f"--official-normalization must be one of {', '.join(OFFICIAL_NORMALIZATIONS)}; "
+                              f"got {self.official_normalization!r}")
         if self.batch is not None and self.batch < 1:
             raise ExportError(f"--batch must be a positive integer or 'dynamic'; got {self.batch}")
         if self.keep_res and self.input_size is not None:
@@ -156,8 +163,14 @@ def build_spec(
 ) -> ModelSpec:
     """The model spec of an export: what the graph's input and outputs are and how they were made."""
     size = options.network_size()
-    make_pre = mmdet_preprocess if source == "mmdet" else official_preprocess
-    pre = make_pre(keep_res=options.keep_res, input_size=size or (512, 512), pad=keep_res_pad)
+    if source == "mmdet":
+        if options.official_normalization is not None:
+            raise ExportError("--official-normalization applies to official CenterNet checkpoints; mmdetection "
+                              "has one normalisation")
+        pre = mmdet_preprocess(keep_res=options.keep_res, input_size=size or (512, 512), pad=keep_res_pad)
+    else:
+        pre = official_preprocess(keep_res=options.keep_res, input_size=size or (512, 512), pad=keep_res_pad,
+                                  normalization=options.official_normalization or "test")
     # The graph applies sigmoid itself; a raw-head output therefore carries probabilities.
     decode = replace(source_decode(source, K=options.topk), heatmap_activation="sigmoid")
     n: int | str = options.batch if options.batch is not None else "N"

@@ -127,6 +127,9 @@ def export_verified(
     if verify:
         report = verify_export(result.model, result.torch_model, result.spec, images, tolerances,
                                threads=threads)
+        # The artifact carries its own evidence: head errors against the float64 reference and the floor.
+        result.spec.provenance["verification"] = report.summary()
+        result.spec.write_to_onnx(result.model)
     run = ExportRun(result.model, result.spec, report, None)
     if report is None or report.passed or keep_unverified:
         try:

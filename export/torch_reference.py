@@ -74,8 +74,16 @@ class ReferenceDetector:
 
     @torch.no_grad()
     def _forward(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        heatmap, wh, reg = split_heads(self.model(torch.from_numpy(batch).to(self.device)))
-        return heatmap.float(), wh.float(), (reg.float() if reg is not None else None)
+        # The input takes the parameters' dtype, so a float64 copy of a model runs wholly in float64 (the
+        # export verification's noise floor); heads stay float64 then, anything else becomes float32.
+        param = next(iter(self.model.parameters()), None)
+        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        heatmap, wh, reg = split_heads(self.model(torch.from_numpy(batch).to(self.device, dtype)))
+
+        def cast(t: torch.Tensor) -> torch.Tensor:
+            return t if t.dtype == torch.float64 else t.float()
+
+        return cast(heatmap), cast(wh), (cast(reg) if reg is not None else None)
 
     @staticmethod
     def _groups(inputs: list[np.ndarray]) -> dict[tuple[int, ...], list[int]]:
@@ -102,17 +110,32 @@ class ReferenceDetector:
             heads["reg"] = reg.cpu().numpy()
         return heads
 
+    def heads_and_detections(self, images: Sequence[np.ndarray]) -> tuple[dict[str, np.ndarray], list[Detections]]:
+        """:meth:`forward_heads` and :meth:`detect` from one forward pass (same-size network inputs)."""
+        inputs, geoms = self.preprocess(images)
+        if len({x.shape for x in inputs}) > 1:
+            raise ValueError("heads_and_detections needs images whose network inputs share one size")
+        heatmap, wh, reg = self._forward(np.stack(inputs))
+        heads = {"heatmap": heatmap.cpu().numpy(), "wh": wh.cpu().numpy()}
+        if reg is not None:
+            heads["reg"] = reg.cpu().numpy()
+        return heads, self._decode(heatmap, wh, reg, geoms)
+
+    def _decode(self, heatmap: torch.Tensor, wh: torch.Tensor, reg: torch.Tensor | None,
+                geoms: Sequence[InputGeometry]) -> list[Detections]:
+        decoded = decode_torch(heatmap, wh, reg, self.spec.decode)
+        boxes = decoded.boxes.cpu().numpy()
+        scores = decoded.scores.cpu().numpy()
+        classes = decoded.classes.cpu().numpy()
+        return [Detections(project_boxes(boxes[j], geom, self.spec.decode, frame="output"), scores[j], classes[j])
+                for j, geom in enumerate(geoms)]
+
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
         """Detections per image (original pixels, top-K best first, unclipped)."""
         inputs, geoms = self.preprocess(images)
         results: list[Detections | None] = [None] * len(inputs)
         for members in self._groups(inputs).values():
             heatmap, wh, reg = self._forward(np.stack([inputs[i] for i in members]))
-            decoded = decode_torch(heatmap, wh, reg, self.spec.decode)
-            boxes = decoded.boxes.cpu().numpy()
-            scores = decoded.scores.cpu().numpy()
-            classes = decoded.classes.cpu().numpy()
-            for j, i in enumerate(members):
-                projected = project_boxes(boxes[j], geoms[i], self.spec.decode, frame="output")
-                results[i] = Detections(projected, scores[j], classes[j])
+            for i, dets in zip(members, self._decode(heatmap, wh, reg, [geoms[i] for i in members]), strict=True):
+                results[i] = dets
         return [r for r in results if r is not None]

@@ -25,13 +25,24 @@ GRAPH_PREPROCESS = ("warp", "normalize", "none")
 DETECTION_FRAMES = ("original", "network_input")
 OUTPUT_ROLES = ("detections", "heatmap", "wh", "reg")
 SOURCES = ("official", "mmdet", "foreign")
+OFFICIAL_NORMALIZATIONS = ("test", "demo")
 
-# Official CenterNet normalisation (BGR order, on 0..1 pixels): src/lib/datasets/dataset/coco.py.
+# Official CenterNet has two normalisations (BGR order, on 0..1 pixels), ~0.2 grey levels apart. test.py,
+# which produced the reported COCO AP, takes the dataset class's precise values
+# (src/lib/datasets/dataset/coco.py); demo.py and opts().init() take the rounded defaults of src/lib/opts.py.
 OFFICIAL_MEAN_BGR = (0.40789654, 0.44719302, 0.47026115)
 OFFICIAL_STD_BGR = (0.28863828, 0.27408164, 0.27809835)
+OFFICIAL_DEMO_MEAN_BGR = (0.408, 0.447, 0.470)
+OFFICIAL_DEMO_STD_BGR = (0.289, 0.274, 0.278)
 # mmdetection CenterNet normalisation (RGB order, on 0..255 pixels).
 MMDET_MEAN_RGB = (123.675, 116.28, 103.53)
 MMDET_STD_RGB = (58.395, 57.12, 57.375)
+# The published mean/std a Preprocess may name (its mean/std must then be exactly these).
+NORMALIZATIONS = {
+    "official_test": (OFFICIAL_MEAN_BGR, OFFICIAL_STD_BGR),
+    "official_demo": (OFFICIAL_DEMO_MEAN_BGR, OFFICIAL_DEMO_STD_BGR),
+    "mmdet": (MMDET_MEAN_RGB, MMDET_STD_RGB),
+}
 
 COCO_CATEGORY_IDS = (
     1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32,
@@ -70,6 +81,8 @@ class Preprocess:
       ``keep_res`` the paper protocol: pad to ((h|pad)+1, (w|pad)+1), image centred, no scaling;
       ``stretch``  plain cv2.resize to ``input_size`` (aspect ratio not kept; foreign models).
     ``scale`` multiplies 0..255 pixels before ``(x - mean) / std``; mean/std are in network channel order.
+    ``normalization`` names which published mean/std these are (a key of ``NORMALIZATIONS``: official_test,
+    official_demo, mmdet); None when they are stated by value only (foreign models, older specs).
     """
 
     resize: str = "affine"
@@ -81,6 +94,7 @@ class Preprocess:
     std: tuple[float, ...] = OFFICIAL_STD_BGR
     border_value: float = 0.0
     interpolation: str = "linear"
+    normalization: str | None = None
 
     def validate(self) -> None:
         _choice(self.resize, RESIZE_MODES, "preprocess.resize")
@@ -96,6 +110,12 @@ class Preprocess:
             raise SpecError("preprocess.std must not contain 0")
         if self.interpolation != "linear":
             raise SpecError("preprocess.interpolation: only 'linear' is supported")
+        if self.normalization is not None:
+            _choice(self.normalization, tuple(NORMALIZATIONS), "preprocess.normalization")
+            mean, std = NORMALIZATIONS[self.normalization]
+            if tuple(self.mean) != mean or tuple(self.std) != std:
+                raise SpecError(f"preprocess.normalization says {self.normalization} (mean {list(mean)}, std "
+                                f"{list(std)}) but mean/std are {list(self.mean)} / {list(self.std)}")
 
 
 @dataclass
@@ -300,16 +320,24 @@ def load_spec(model_path: str | Path, description: str | Path | None = None) -> 
     return ModelSpec.from_onnx(model_path)
 
 
-def official_preprocess(keep_res: bool = False, input_size: tuple[int, int] = (512, 512), pad: int = 31) -> Preprocess:
-    """Pre-processing of xingyizhou/CenterNet (BGR, /255, COCO BGR mean/std)."""
+def official_preprocess(keep_res: bool = False, input_size: tuple[int, int] = (512, 512), pad: int = 31,
+                        normalization: str = "test") -> Preprocess:
+    """Pre-processing of xingyizhou/CenterNet (BGR, /255, COCO BGR mean/std).
+
+    ``normalization``: 'test' (default) is test.py's precise dataset mean/std, with which the published COCO
+    AP was measured; 'demo' is the rounded mean/std of demo.py and ``opts().init()``.
+    """
+    key = f"official_{_choice(normalization, OFFICIAL_NORMALIZATIONS, 'official normalization')}"
+    mean, std = NORMALIZATIONS[key]
     return Preprocess(
         resize="keep_res" if keep_res else "affine",
         input_size=None if keep_res else tuple(input_size),
         pad=pad,
         color="BGR",
         scale=1.0 / 255.0,
-        mean=OFFICIAL_MEAN_BGR,
-        std=OFFICIAL_STD_BGR,
+        mean=mean,
+        std=std,
+        normalization=key,
     )
 
 
@@ -323,6 +351,7 @@ def mmdet_preprocess(keep_res: bool = False, input_size: tuple[int, int] = (512,
         scale=1.0,
         mean=MMDET_MEAN_RGB,
         std=MMDET_STD_RGB,
+        normalization="mmdet",
     )
 
 

@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 python -m pip install --quiet --upgrade pip
 # The pinned CPU build first: a loose torch requirement would pull several GB of CUDA wheels.
 python -m pip install --quiet torch==2.13.0
-python -m pip install --quiet -e ".[dev]"
+# The dependency versions the test suite passed with (constraints.txt), as CI installs them.
+python -m pip install --quiet -c constraints.txt -e ".[dev]"
 
 mkdir -p artifacts
 checkpoint=${1:-}

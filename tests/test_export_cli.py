@@ -14,7 +14,7 @@ from test_export_models import save_checkpoint
 
 from centernet_edge.export import cli
 from centernet_edge.export.checkpoints import load_checkpoint
-from centernet_edge.export.onnx_export import expose_heads
+from centernet_edge.export.onnx_export import ExportError, ExportOptions, build_spec, expose_heads
 from centernet_edge.export.torch_reference import ReferenceDetector
 from centernet_edge.export.trt_ops import check_trt_compatibility
 from centernet_edge.export.verify import match_detections, synthetic_images
@@ -67,11 +67,18 @@ def test_default_contract(default_onnx: Path, res18: Path) -> None:
     assert spec.graph.preprocess == "warp" and spec.graph.decode and spec.graph.batch is None
     assert spec.graph.detections_frame == "original"
     assert spec.preprocess.input_size == (128, 128) and spec.preprocess.resize == "affine"
+    # test.py's precise mean/std (the published AP's) by default, named in the spec.
+    assert spec.preprocess.normalization == "official_test" and spec.preprocess.mean[0] == 0.40789654
     assert spec.class_names == list(COCO_CLASS_NAMES) and spec.category_ids[-1] == 90
     prov = spec.provenance
     assert prov["checkpoint_file"] == res18.name and len(prov["checkpoint_sha256"]) == 64
     assert prov["arch"] == "res_18" and prov["source"] == "official" and prov["toolkit_version"]
     assert "/" not in str(prov)  # no machine paths in the artifact
+    # The verification's evidence travels with the artifact: head errors against float64 and the floor.
+    check = prov["verification"]
+    assert check["passed"] and check["images"] == 3 and check["matched"] + check["tied"] >= 1.0
+    assert 0 < check["head_error_vs_float64"]["heatmap"] < 1e-5
+    assert 0 < check["noise_floor_float32_vs_float64"]["heatmap"] < 1e-5
 
 
 def test_expose_heads_leaves_the_model_untouched(default_onnx: Path) -> None:
@@ -118,6 +125,28 @@ def test_variants_normalize_fixed_batch_topk(res18: Path, tmp_path: Path) -> Non
     ref = _reference(res18, spec).detect([img])[0]
     matched, score_err, box_err = match_detections(ref, got)
     assert matched == 1.0 and box_err < 1e-2 and score_err < 1e-5
+
+
+def test_official_normalization_demo_is_recorded_and_verified(res18: Path, tmp_path: Path) -> None:
+    out = tmp_path / "demo.onnx"
+    assert cli.main([str(res18), "-o", str(out), *SMALL, "--official-normalization", "demo"]) == 0
+    spec = ModelSpec.from_onnx(out)
+    assert spec.preprocess.normalization == "official_demo" and spec.preprocess.mean == (0.408, 0.447, 0.470)
+    assert spec.provenance["verification"]["passed"] is True
+    # The graph normalises with the recorded values: it reproduces a reference run with the demo spec.
+    img = synthetic_images(1)[0][1]
+    x, geoms = prepare_batch([img], spec)
+    got = finalize({"detections": _session(out).run(None, {"image": x})[0]}, spec, geoms)[0]
+    matched, score_err, _ = match_detections(_reference(res18, spec).detect([img])[0], got)
+    assert matched == 1.0 and score_err < 1e-5
+
+
+def test_official_normalization_is_refused_for_mmdet() -> None:
+    with pytest.raises(ExportError, match="applies to official CenterNet checkpoints"):
+        build_spec(arch="mmdet_r18", source="mmdet", num_classes=80,
+                   options=ExportOptions(input_size=(128, 128), official_normalization="demo"))
+    with pytest.raises(ExportError, match="--official-normalization must be one of test, demo"):
+        ExportOptions(official_normalization="rounded").validate()
 
 
 def test_variant_raw_heads(res18: Path, tmp_path: Path) -> None:
@@ -203,6 +232,7 @@ def test_interrupt_mid_export_leaves_no_file(res18: Path, tmp_path: Path, monkey
         (["--batch", "0"], "argument --batch: expected a positive integer or 'dynamic'"),
         (["--preprocess", "resize"], "argument --preprocess: invalid choice"),
         (["--verify-count", "0"], "--verify-count must be >= 1"),
+        (["--official-normalization", "imagenet"], "argument --official-normalization: invalid choice"),
         (["--bogus"], "unrecognized arguments: --bogus"),
     ],
 )

@@ -15,7 +15,8 @@ import onnx
 import pytest
 import torch
 
-from centernet_edge.export.models import ARCHITECTURES, build_model
+from centernet_edge.export.models import ARCHITECTURES, HourglassNet, build_model
+from centernet_edge.export.models.hourglass import HG104_DIMS
 from centernet_edge.export.onnx_export import ExportOptions, build_spec, export_checkpoint, export_onnx
 from centernet_edge.export.trt_ops import check_trt_compatibility
 from centernet_edge.export.verify import Tolerances, synthetic_images, verify_export
@@ -121,9 +122,15 @@ def _check_graph(model: onnx.ModelProto, arch: str) -> None:
 def _assert_verified(report) -> None:
     assert report.passed, report.table()
     for check in report.checks:
-        # Heads agree to float rounding; detections one to one up to a near-tie swapped at rank K.
+        # Heads agree with the float64 reference to float32 rounding: measured ONNX Runtime errors are
+        # 3e-8..5e-7, at or below PyTorch's own float32 floor (2e-7..1e-6) on these models.
         assert max(check.head_err.values()) < 1e-4, report.table()
-        assert check.matched >= 0.98 and check.n_onnx == 100, report.table()
+        assert max(check.head_err.values()) <= 4 * max(max(check.noise_floor.values()), 1e-7), report.table()
+        # Every reference detection is matched or a float64 near-tie (dla_34's random heads have plateaus
+        # where neighbouring cells differ by ~1e-7, below float32 noise: a peak can legitimately move to
+        # its neighbour, and 1-3 of 100 rows did, in PyTorch float32 as well as in ONNX Runtime).
+        assert check.matched + check.tied == 1.0 and check.unexplained_onnx == 0, report.table()
+        assert check.tied <= 0.05 and check.n_onnx == 100, report.table()
         assert check.box_err < 0.05 and check.score_err < 1e-5, report.table()
     assert report.batch_err is not None and report.batch_err < 1e-4
 
@@ -149,10 +156,14 @@ def test_architecture_exports_and_matches_reference(checkpoints, test_images, ar
 
 @pytest.mark.slow
 def test_hourglass_exports_fixed_and_keep_res(coco_val_dir: Path) -> None:
-    # ~190M parameters: built in memory (the checkpoint path is covered above), tiny inputs, one image.
+    # hourglass_104's topology (2 stacks, 5 levels, the same residual counts, input multiple 128, pad 127)
+    # at 1/8 of its width: the export sees the same ops and shapes. At full width (~190M parameters) this
+    # one test took the suite from 1.5 to 5.9 GB peak RSS (traced graph, ONNX proto, serialised copies, an
+    # ORT session, then the float64 reference); the full-width build is covered by test_models.py and the
+    # checkpoint layout by test_checkpoints.py. Tiny inputs, one image.
     image = coco_images(coco_val_dir, 1, shrink=5)
     torch.manual_seed(0)
-    model = build_model("hourglass_104")
+    model = HourglassNet(num_classes=80, dims=tuple(d // 8 for d in HG104_DIMS), cnv_dim=32, head_conv=32)
     condition_heads(model, "official", [image[0][1]], size=128)
     for options in (ExportOptions(input_size=(128, 128)), ExportOptions(keep_res=True)):
         spec = build_spec(arch="hourglass_104", source="official", num_classes=80, options=options,

@@ -54,6 +54,10 @@ def test_export_writes_a_verified_model(small_export) -> None:
     assert run.path.is_file() and run.spec.arch == "res_18" and run.spec.preprocess.input_size == (128, 128)
     assert run.spec.class_names == list(COCO_CLASS_NAMES)
     assert len(run.report.checks) == 3  # the CLI's default verification images
+    # As from the CLI, the written file carries the verification evidence in its spec.
+    from centernet_edge.runtime.spec import ModelSpec
+
+    assert ModelSpec.from_onnx(run.path).provenance["verification"] == run.report.summary()
 
 
 def test_export_refuses_a_broken_graph(small_export, tmp_path: Path, monkeypatch) -> None:
@@ -76,7 +80,7 @@ def test_export_refuses_a_broken_graph(small_export, tmp_path: Path, monkeypatch
         centernet_edge.export(checkpoint, out, input_size=128, threads=1)
     assert not out.exists() and list(tmp_path.iterdir()) == []
     assert info.value.run.path is None and not info.value.run.verified
-    assert any("head error" in f for f in info.value.run.report.failures)
+    assert info.value.run.report.failures  # judged on detections against the float64 reference
     kept = centernet_edge.export(checkpoint, out, input_size=128, threads=1, keep_unverified=True)
     assert kept.path == out and out.is_file() and not kept.verified
 

@@ -5,10 +5,15 @@ from onnx import TensorProto, helper
 from centernet_edge.runtime.spec import (
     COCO_CATEGORY_IDS,
     COCO_CLASS_NAMES,
+    OFFICIAL_DEMO_MEAN_BGR,
+    OFFICIAL_DEMO_STD_BGR,
+    OFFICIAL_MEAN_BGR,
+    OFFICIAL_STD_BGR,
     GraphIO,
     ModelSpec,
     SpecError,
     TensorInfo,
+    mmdet_preprocess,
     official_preprocess,
     source_decode,
 )
@@ -63,6 +68,8 @@ def test_missing_metadata_names_the_fix():
         (lambda d: d.update(colour="BGR"), "unknown model-spec fields: colour"),
         (lambda d: d.pop("num_classes"), "missing required field 'num_classes'"),
         (lambda d: d.update(format_version=99), "newer than this toolkit"),
+        (lambda d: d["preprocess"].update(normalization="imagenet"), "preprocess.normalization must be one of"),
+        (lambda d: d["preprocess"].update(normalization="official_demo"), "but mean/std are"),
     ],
 )
 def test_invalid_specs_are_refused_with_a_reason(mutate, message):
@@ -70,3 +77,24 @@ def test_invalid_specs_are_refused_with_a_reason(mutate, message):
     mutate(data)
     with pytest.raises(SpecError, match=message):
         ModelSpec.from_dict(data)
+
+
+def test_two_official_normalisations_test_is_the_default():
+    default, demo = official_preprocess(), official_preprocess(normalization="demo")
+    assert default.normalization == "official_test" and default.mean == OFFICIAL_MEAN_BGR
+    assert default.std == OFFICIAL_STD_BGR == (0.28863828, 0.27408164, 0.27809835)
+    assert demo.normalization == "official_demo"
+    assert demo.mean == OFFICIAL_DEMO_MEAN_BGR == (0.408, 0.447, 0.470)
+    assert demo.std == OFFICIAL_DEMO_STD_BGR == (0.289, 0.274, 0.278)
+    assert mmdet_preprocess().normalization == "mmdet"
+    with pytest.raises(SpecError, match="official normalization must be one of test, demo"):
+        official_preprocess(normalization="imagenet")
+
+
+def test_specs_without_a_normalization_name_still_load():
+    data = _spec().to_dict()
+    del data["preprocess"]["normalization"]  # written before the field existed
+    spec = ModelSpec.from_dict(data)
+    assert spec.preprocess.normalization is None and spec.preprocess.mean == OFFICIAL_MEAN_BGR
+    data["preprocess"]["mean"] = [0.5, 0.5, 0.5]  # foreign values stated by value only are fine
+    assert ModelSpec.from_dict(data).preprocess.mean == (0.5, 0.5, 0.5)
