@@ -20,8 +20,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .mixed import DEFAULT_BUDGET
-from .pipeline import ARTIFACTS, METHOD_CHOICES, CalibrateOptions, calibrate
+from .mixed import DEFAULT_BUDGET, DEFAULT_FLOAT_SHARE, KNEE_TOLERANCE
+from .pipeline import ARTIFACTS, METHOD_CHOICES, MIXED_RULES, CalibrateOptions, calibrate
 from .trt_cache import DEFAULT_TRT_VERSION, StaleCacheError
 
 __all__ = ["build_parser", "main"]
@@ -31,10 +31,10 @@ model_int8_cpu.onnx (ONNX Runtime CPU), model_fp16.onnx, sensitivity.json/.md, p
 exit codes: 0 ok, 2 bad input, 3 an existing cache was made from another model/images/method."""
 
 
-def _budget(text: str) -> float | None:
+def _budget(text: str) -> float | str:
     """A head-error budget in [0, 1], or 'none' for every eligible layer in int8."""
     if text.lower() in ("none", "off", "all-int8"):
-        return None
+        return "none"
     try:
         value = float(text)
     except ValueError:
@@ -86,10 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     p.add_argument("--percentile", type=float, default=99.99,
                    help="percentile for --method percentile (default: %(default)s)")
-    p.add_argument("--budget", type=_budget, default=DEFAULT_BUDGET,
-                   help="mixed precision: max head error (1 - score-weighted detection agreement with fp32 "
-                        "on calibration images; default %(default)s); 'none' quantizes every eligible layer")
-    p.add_argument("--max-float", type=int, help="at most this many layers kept float")
+    p.add_argument("--mixed", choices=MIXED_RULES, default="knee",
+                   help="which layers stay float (label-free, calibration images): 'knee' (default) measures "
+                        f"0..cap float layers (cap: {DEFAULT_FLOAT_SHARE:.0%} of the Conv layers) and keeps the "
+                        f"fewest that reach {1 - KNEE_TOLERANCE:.0%} of the head-error reduction the cap gives; "
+                        "'budget' the fewest within --budget; 'none' every eligible layer int8 (no sensitivity "
+                        "analysis)")
+    p.add_argument("--budget", type=_budget, default=None,
+                   help="selects the budget rule: max head error (1 - score-weighted detection agreement with "
+                        f"fp32 on calibration images; {DEFAULT_BUDGET} with --mixed budget); 'none' = --mixed none")
+    p.add_argument("--max-float", type=int,
+                   help="at most this many layers kept float (the knee rule's cap; default 10%% of the convs)")
+    p.add_argument("--ranking-images", type=_positive, default=8,
+                   help="calibration images of the one-layer-at-a-time sensitivity ranking (default: "
+                        "%(default)s)")
     p.add_argument("--cpu-float", choices=("none", "mixed"), default="none",
                    help="layers kept float in model_int8_cpu.onnx: none (fastest) or the mixed-precision set")
     p.add_argument("--cpu-format", choices=("qoperator", "qdq"), default="qoperator",
@@ -97,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-float-heads", action="store_true",
                    help="keep the head convs float in model_int8_cpu.onnx (logits not rounded; slower)")
     p.add_argument("--sensitivity-images", type=_positive, default=32,
-                   help="calibration images used for sensitivity and the mixed-precision search "
+                   help="calibration images that score whole-model candidates (auto method, mixed precision) "
                         "(default: %(default)s)")
     p.add_argument("--trt-version", type=_trt_version, default=DEFAULT_TRT_VERSION,
                    help="TensorRT version for the cache header: 10.16.1, 8.6.1 or NV_TENSORRT_VERSION "
@@ -120,11 +130,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     both = not (args.int8 or args.fp16)
+    mixed, budget = (("none", None) if args.budget == "none" else (args.mixed, args.budget))
     options = CalibrateOptions(
         model=args.model, images=args.images, out_dir=args.out_dir, model_spec=args.model_spec,
         images_dir=args.images_dir, num_images=args.num_images, seed=args.seed,
         int8=args.int8 or both, fp16=args.fp16 or both, method=args.method, percentile=args.percentile,
-        budget=args.budget, max_float=args.max_float, sensitivity_images=args.sensitivity_images,
+        mixed=mixed, budget=budget, max_float=args.max_float, sensitivity_images=args.sensitivity_images,
+        ranking_images=args.ranking_images,
         cpu_float=args.cpu_float, cpu_format=args.cpu_format, cpu_float_heads=args.cpu_float_heads,
         trt_version=args.trt_version, force=args.force, threads=args.threads, workers=args.workers,
         batch_size=args.batch_size, range_images=args.range_images,
@@ -146,8 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"  {result.artifacts[key].name}")
         if result.mixed is not None:
             m = result.mixed
+            rule = f"budget {m.budget}" if m.rule == "budget" else f"rule {m.rule}"
             print(f"int8 (TensorRT Q/DQ): method {result.method}, {len(m.float_layers)} layer(s) kept float, "
-                  f"head error {m.error.head_error:.4f} (budget {m.budget})")
+                  f"head error {m.error.head_error:.4f} ({rule})")
         if result.cpu_int8 is not None:
             c = result.cpu_int8
             print(f"int8 (ONNX Runtime CPU): {c['float_layers']} layer(s) kept float, "

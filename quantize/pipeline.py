@@ -1,9 +1,9 @@
 """``centernet-calibrate`` as a Python API: one calibration run -> one output folder.
 
 Order of work: calibration set -> streaming statistics -> per-tensor amax (TensorRT cache + summary) ->
-[int8] label-free sensitivity -> mixed precision -> TensorRT Q/DQ model + ONNX Runtime CPU int8 model ->
-[fp16] fp16 model. Every decision (method in ``auto`` mode, which layers stay float) uses only the
-calibration images; annotations are never read here.
+[int8] label-free sensitivity and mixed precision (only when float layers are allowed) -> TensorRT Q/DQ
+model + ONNX Runtime CPU int8 model -> [fp16] fp16 model. Every decision (method in ``auto`` mode, which
+layers stay float) uses only the calibration images; annotations are never read here.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from .artifacts import derived_spec, save_model
 from .fp16 import convert_fp16
 from .head_error import HeadProbe
 from .layer_error import compare_tensors, write_layer_errors
-from .mixed import DEFAULT_BUDGET, MixedResult, search_mixed_precision, write_precision
+from .mixed import DEFAULT_BUDGET, MixedResult, search_knee, search_mixed_precision, write_precision
 from .ort_cpu_int8 import CpuInt8Config, build_ort_cpu_int8_with_report, ort_ranges
 from .parallel import default_workers
 from .placement import Placement, plan_placement
@@ -73,6 +73,7 @@ ARTIFACTS = {
 # output least (quantize/range_search.py).
 DOWNSTREAM = "downstream"
 METHOD_CHOICES = (*METHODS, DOWNSTREAM, "auto")
+MIXED_RULES = ("knee", "budget", "none")
 # Candidate ranges the downstream search chooses from, per tensor.
 DOWNSTREAM_CANDIDATES: tuple[tuple[str, dict[str, Any]], ...] = (
     ("percentile", {"percentile": 99.99}), ("percentile_99.9", {"percentile": 99.9}),
@@ -93,9 +94,13 @@ class CalibrateOptions:
     fp16: bool = True
     method: str = "auto"
     percentile: float = 99.99
-    budget: float | None = DEFAULT_BUDGET  # None: every eligible layer int8 (no mixed precision)
-    max_float: int | None = None
-    sensitivity_images: int = 32
+    # Which layers stay float: "knee" (default; see mixed.search_knee), "budget" (the smallest set within
+    # ``budget``), "none" (every eligible layer int8, no sensitivity analysis at all).
+    mixed: str = "knee"
+    budget: float | None = None  # a number selects the budget rule (default budget when None)
+    max_float: int | None = None  # knee: the cap (default 10% of the Conv layers); budget: an upper bound
+    sensitivity_images: int = 32  # images that score the mixed-precision candidates
+    ranking_images: int = 8  # images of the one-layer-at-a-time ranking (a subset of the above)
     cpu_float: str = "none"  # "mixed": the CPU model keeps the mixed-precision float layers too
     cpu_format: str = "qoperator"  # or "qdq" (see CpuInt8Config)
     cpu_float_heads: bool = False  # keep the head convs float in the CPU model (slower, closer to fp32)
@@ -197,6 +202,8 @@ def calibrate(options: CalibrateOptions) -> CalibrateResult:
         raise ValueError(f"unknown method {options.method!r}; choose one of {', '.join(METHOD_CHOICES)}")
     if not (options.int8 or options.fp16):
         raise ValueError("nothing to do: enable --int8 and/or --fp16")
+    if options.mixed not in MIXED_RULES:
+        raise ValueError(f"unknown mixed-precision rule {options.mixed!r}; choose one of {', '.join(MIXED_RULES)}")
     if options.cpu_float not in ("none", "mixed"):
         raise ValueError(f"cpu_float must be 'none' or 'mixed'; got {options.cpu_float!r}")
     model_path = Path(options.model)
@@ -321,24 +328,12 @@ def _int8_artifacts(model: onnx.ModelProto, spec: ModelSpec, placement: Placemen
                     observed: dict[str, tuple[float, float]], probe: HeadProbe, options: CalibrateOptions,
                     paths: dict[str, Path], provenance: dict[str, Any], foreign: bool, method: str,
                     clock: _Clock) -> tuple[MixedResult, dict[str, Any] | None]:
-    meta = {"method": method, "probe_images": probe.images, "layers": len(placement.layers)}
-    _say(options, f"sensitivity of {len(placement.layers)} layers on {probe.images} calibration image(s)")
-    ranking = layer_sensitivity(model, placement.layers, amax, probe, progress=options.progress,
-                                workers=_workers(options))
-    write_sensitivity(ranking, paths["sensitivity_json"], paths["sensitivity_md"], meta)
-    clock.lap("sensitivity")
-    if options.budget is None:
-        all_int8 = probe.measure(build_qdq_model(model, placement.layers, amax))
-        mixed = MixedResult(float("inf"), [], all_int8, [(0, all_int8)], True)
-    else:
-        mixed = search_mixed_precision(model, placement, amax, ranking, probe, options.budget,
-                                       options.max_float, progress=lambda m: _say(options, m))
-    if not mixed.met_budget:
-        log.warning("head-error budget %.4f not met even with %d float layers (error %.4f)",
-                    mixed.budget, len(mixed.float_layers), mixed.error.head_error)
-    clock.lap("mixed_precision_search")
+    mixed = _mixed_precision(model, placement, amax, probe, options, paths, method)
+    clock.lap("sensitivity_and_mixed_precision")
     _say(options, f"{len(mixed.float_layers)} layer(s) kept float; head error {mixed.error.head_error:.4f}")
     ops = {n.name: n.op_type for n in model.graph.node}
+    meta = {"method": method, "probe_images": probe.images, "layers": len(placement.layers),
+            "rule": mixed.rule}
     write_precision(paths["precision"], placement, mixed, ops, meta)
     precision = "int8-mixed" if mixed.float_layers else "int8"
     extra = {**provenance, "float_layers": len(mixed.float_layers),
@@ -352,6 +347,45 @@ def _int8_artifacts(model: onnx.ModelProto, spec: ModelSpec, placement: Placemen
                              foreign, mixed.float_layers if options.cpu_float == "mixed" else [])
     clock.lap("int8_artifacts")
     return mixed, cpu_info
+
+
+def _mixed_rule(options: CalibrateOptions) -> str:
+    """An explicit budget selects the budget rule; otherwise ``options.mixed``."""
+    if options.mixed == "knee" and options.budget is not None:
+        return "budget"
+    return options.mixed
+
+
+def _mixed_precision(model: onnx.ModelProto, placement: Placement, amax: dict[str, float], probe: HeadProbe,
+                     options: CalibrateOptions, paths: dict[str, Path], method: str) -> MixedResult:
+    """The float layers by the chosen rule. The sensitivity ranking runs only when layers may stay float,
+    on ``ranking_images`` of the probe images (the ranking only orders candidates; the stopping rule then
+    scores whole models on every probe image)."""
+    rule = _mixed_rule(options)
+    for stale in ("sensitivity_json", "sensitivity_md"):
+        paths[stale].unlink(missing_ok=True)  # never a ranking left from an earlier run beside new models
+    if rule == "none" or options.max_float == 0:
+        all_int8 = probe.measure(build_qdq_model(model, placement.layers, amax))
+        return MixedResult(float("nan"), [], all_int8, [(0, all_int8)], True, "none")
+    ranker = probe.subset(options.ranking_images)
+    _say(options, f"sensitivity of {len(placement.layers)} layers on {ranker.images} calibration image(s)")
+    ranking = layer_sensitivity(model, placement.layers, amax, ranker, progress=options.progress,
+                                workers=_workers(options))
+    meta = {"method": method, "probe_images": ranker.images, "layers": len(placement.layers)}
+    write_sensitivity(ranking, paths["sensitivity_json"], paths["sensitivity_md"], meta)
+
+    def report(message: str) -> None:
+        _say(options, message)
+
+    if rule == "knee":
+        return search_knee(model, placement, amax, ranking, probe, options.max_float, progress=report)
+    budget = DEFAULT_BUDGET if options.budget is None else options.budget
+    mixed = search_mixed_precision(model, placement, amax, ranking, probe, budget, options.max_float,
+                                   progress=report)
+    if not mixed.met_budget:
+        log.warning("head-error budget %.4f not met even with %d float layers (error %.4f)",
+                    mixed.budget, len(mixed.float_layers), mixed.error.head_error)
+    return mixed
 
 
 def _layer_report(model: onnx.ModelProto, spec: ModelSpec, placement: Placement, amax: dict[str, float],

@@ -237,6 +237,24 @@ def test_exported_official_architecture(tmp_path, inputs):
         assert spec.graph == original.graph and spec.preprocess == original.preprocess
 
 
+def test_default_knee_rule_and_no_sensitivity_without_mixed_precision(inputs, tmp_path):
+    _, model, images = inputs
+    out = tmp_path / "knee"
+    assert _run(model, images, out, "--method", "minmax", "--int8") == 0
+    precision = json.loads((out / "precision.json").read_text())
+    assert precision["search"]["rule"] == "knee" and precision["meta"]["rule"] == "knee"
+    assert FRAGILE in precision["float_layers"]
+    convs = sum(1 for e in precision["nodes"].values()
+                if e["op"] == "Conv" and e["reason"] in ("eligible", "kept float by mixed precision"))
+    assert 1 <= len(precision["float_layers"]) <= max(1, int(0.1 * convs))
+    assert (out / "sensitivity.json").exists()
+    # --budget none: every eligible layer int8, the ranking is neither computed nor left from the last run
+    assert _run(model, images, out, "--method", "minmax", "--int8", "--budget", "none", "--force") == 0
+    precision = json.loads((out / "precision.json").read_text())
+    assert precision["float_layers"] == [] and precision["search"]["rule"] == "none"
+    assert not (out / "sensitivity.json").exists() and not (out / "sensitivity.md").exists()
+
+
 def test_cpu_model_can_keep_the_mixed_float_layers(inputs, tmp_path):
     from centernet_edge.quantize.pipeline import CalibrateOptions, calibrate
 
