@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .mixed import DEFAULT_BUDGET, DEFAULT_FLOAT_SHARE, KNEE_TOLERANCE
 from .pipeline import ARTIFACTS, METHOD_CHOICES, MIXED_RULES, CalibrateOptions, calibrate
+from .sequential import ROUNDINGS
 from .trt_cache import DEFAULT_TRT_VERSION, StaleCacheError
 
 __all__ = ["build_parser", "main"]
@@ -84,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer-report-images", type=int, default=2,
                    help="images for layer_error.json/.md, the per-layer int8-vs-fp32 comparison; 0 skips it "
                         "(default: %(default)s)")
+    p.add_argument("--rounding", choices=ROUNDINGS, default="nearest",
+                   help="int8 weight rounding: nearest (default) or adaround (learned per layer on calibration "
+                        "patches, layers fitted in order on quantized inputs; kept only when it lowers the "
+                        "all-int8 head error on calibration images)")
+    p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=False,
+                   help="empirical per-channel bias correction of the int8 convs (same guard as --rounding; "
+                        "default: off)")
+    p.add_argument("--fit-images", type=_positive, default=8,
+                   help="calibration images replayed by --rounding adaround / --bias-correction "
+                        "(default: %(default)s)")
     p.add_argument("--percentile", type=float, default=99.99,
                    help="percentile for --method percentile (default: %(default)s)")
     p.add_argument("--mixed", choices=MIXED_RULES, default="knee",
@@ -136,7 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         images_dir=args.images_dir, num_images=args.num_images, seed=args.seed,
         int8=args.int8 or both, fp16=args.fp16 or both, method=args.method, percentile=args.percentile,
         mixed=mixed, budget=budget, max_float=args.max_float, sensitivity_images=args.sensitivity_images,
-        ranking_images=args.ranking_images,
+        ranking_images=args.ranking_images, rounding=args.rounding, bias_correction=args.bias_correction,
+        fit_images=args.fit_images,
         cpu_float=args.cpu_float, cpu_format=args.cpu_format, cpu_float_heads=args.cpu_float_heads,
         trt_version=args.trt_version, force=args.force, threads=args.threads, workers=args.workers,
         batch_size=args.batch_size, range_images=args.range_images,

@@ -38,6 +38,7 @@ from .placement import Placement, plan_placement
 from .qdq import build_qdq_model
 from .range_search import search_ranges
 from .sensitivity import layer_sensitivity, write_sensitivity
+from .sequential import ROUNDINGS, FitOptions, FitReport, fit_layers
 from .stats import CalibrationStats, collect_calibration_stats
 from .tensors import calibration_tensors
 from .thresholds import METHODS, compute_amaxes
@@ -68,6 +69,7 @@ ARTIFACTS = {
     "timings": "timings.json",
     "layer_error_json": "layer_error.json",
     "layer_error_md": "layer_error.md",
+    "weight_fit": "weight_fit.json",
 }
 # "downstream": per tensor, the histogram candidate whose int8 round trip changes the reading layer's
 # output least (quantize/range_search.py).
@@ -112,6 +114,9 @@ class CalibrateOptions:
     stats_cache: Path | None = None  # keep/reuse the activation statistics (.npz) here
     range_images: int = 4  # calibration images replayed by --method downstream
     layer_report_images: int = 2  # images of the per-layer int8-vs-fp32 comparison; 0 = no layer_error.*
+    rounding: str = "nearest"  # or "adaround" (quantize/adaround.py)
+    bias_correction: bool = False  # empirical per-channel bias correction (quantize/bias_correction.py)
+    fit_images: int = 8  # calibration images the weight fitting replays (after the probe images)
     progress: bool = True
 
 
@@ -204,6 +209,8 @@ def calibrate(options: CalibrateOptions) -> CalibrateResult:
         raise ValueError("nothing to do: enable --int8 and/or --fp16")
     if options.mixed not in MIXED_RULES:
         raise ValueError(f"unknown mixed-precision rule {options.mixed!r}; choose one of {', '.join(MIXED_RULES)}")
+    if options.rounding not in ROUNDINGS:
+        raise ValueError(f"unknown rounding {options.rounding!r}; choose one of {', '.join(ROUNDINGS)}")
     if options.cpu_float not in ("none", "mixed"):
         raise ValueError(f"cpu_float must be 'none' or 'mixed'; got {options.cpu_float!r}")
     model_path = Path(options.model)
@@ -263,11 +270,11 @@ def calibrate(options: CalibrateOptions) -> CalibrateResult:
     if options.int8:
         probe = probe or _make_probe(model, spec, calib, options)
         mixed, cpu_info = _int8_artifacts(model, spec, placement, amax, observed, probe, options, paths,
-                                          provenance, foreign, method, clock)
+                                          provenance, foreign, method, clock, calib)
         result.mixed = mixed
         result.cpu_int8 = cpu_info
         for key in ("qdq", "cpu", "sensitivity_json", "sensitivity_md", "precision", "layer_error_json",
-                    "layer_error_md"):
+                    "layer_error_md", "weight_fit"):
             if paths[key].exists():
                 result.artifacts[key] = paths[key]
     if options.fp16:
@@ -327,8 +334,10 @@ def _make_probe(model: onnx.ModelProto, spec: ModelSpec, calib: CalibrationSet, 
 def _int8_artifacts(model: onnx.ModelProto, spec: ModelSpec, placement: Placement, amax: dict[str, float],
                     observed: dict[str, tuple[float, float]], probe: HeadProbe, options: CalibrateOptions,
                     paths: dict[str, Path], provenance: dict[str, Any], foreign: bool, method: str,
-                    clock: _Clock) -> tuple[MixedResult, dict[str, Any] | None]:
-    mixed = _mixed_precision(model, placement, amax, probe, options, paths, method)
+                    clock: _Clock, calib: CalibrationSet) -> tuple[MixedResult, dict[str, Any] | None]:
+    fitted = _fit_weights(model, spec, placement, amax, probe, calib, options, paths)
+    clock.lap("weight_fitting")
+    mixed = _mixed_precision(fitted, placement, amax, probe, options, paths, method)
     clock.lap("sensitivity_and_mixed_precision")
     _say(options, f"{len(mixed.float_layers)} layer(s) kept float; head error {mixed.error.head_error:.4f}")
     ops = {n.name: n.op_type for n in model.graph.node}
@@ -338,15 +347,49 @@ def _int8_artifacts(model: onnx.ModelProto, spec: ModelSpec, placement: Placemen
     precision = "int8-mixed" if mixed.float_layers else "int8"
     extra = {**provenance, "float_layers": len(mixed.float_layers),
              "head_error": round(mixed.error.head_error, 6)}
-    qdq = build_qdq_model(model, placement.select(mixed.float_layers), amax)
+    qdq = build_qdq_model(fitted, placement.select(mixed.float_layers), amax)
     save_model(qdq, paths["qdq"], derived_spec(spec, precision, {**extra, "int8_format": "qdq-tensorrt"}),
                sidecar=foreign)
     if options.layer_report_images > 0:
-        _layer_report(model, spec, placement, amax, probe, options, paths, method)
-    cpu_info = _cpu_artifact(model, spec, placement, amax, observed, probe, options, paths, provenance,
+        _layer_report(model, fitted, spec, placement, amax, probe, options, paths, method)
+    cpu_info = _cpu_artifact(fitted, spec, placement, amax, observed, probe, options, paths, provenance,
                              foreign, mixed.float_layers if options.cpu_float == "mixed" else [])
     clock.lap("int8_artifacts")
     return mixed, cpu_info
+
+
+def _fit_weights(model: onnx.ModelProto, spec: ModelSpec, placement: Placement, amax: dict[str, float],
+                 probe: HeadProbe, calib: CalibrationSet, options: CalibrateOptions, paths: dict[str, Path]
+                 ) -> onnx.ModelProto:
+    """The model whose weights the int8 artifacts quantize: ``model`` itself, or with AdaRound levels
+    and/or corrected biases (quantize/sequential.py) when asked. The fit replays ``fit_images``
+    calibration images taken after the probe images, and is kept only when it lowers the all-int8 head
+    error on the probe images (a label-free guard: a per-layer objective need not help the heads)."""
+    fit = FitOptions(rounding=options.rounding, bias_correction=options.bias_correction, seed=options.seed)
+    paths["weight_fit"].unlink(missing_ok=True)
+    if not fit.active():
+        return model
+    # Images after the probe's, so the guard judges the fit on images it was not fitted on (when the
+    # calibration set has that many).
+    batches = [x for x, _ in _probe_batches(calib, spec, probe.images + options.fit_images)]
+    batches = batches[len(probe.batches):] or batches
+    _say(options, f"fitting int8 weights ({options.rounding} rounding, bias correction "
+                  f"{'on' if options.bias_correction else 'off'}) on {sum(b.shape[0] for b in batches)} image(s)")
+    fitted, report = fit_layers(model, placement.layers, amax, batches, spec.graph.input.name, fit,
+                                threads=options.threads)
+    before = probe.measure(build_qdq_model(model, placement.layers, amax)).head_error
+    after = probe.measure(build_qdq_model(fitted, placement.layers, amax)).head_error
+    kept = after < before
+    _say(options, f"weight fitting: all-int8 head error {before:.4f} -> {after:.4f}; "
+                  f"{'kept' if kept else 'dropped (does not help the heads)'}")
+    _write_fit_report(paths["weight_fit"], report, before, after, kept)
+    return fitted if kept else model
+
+
+def _write_fit_report(path: Path, report: FitReport, before: float, after: float, kept: bool) -> None:
+    doc = {"all_int8_head_error": {"before": round(before, 6), "after": round(after, 6)}, "kept": kept,
+           **report.to_dict()}
+    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
 
 
 def _mixed_rule(options: CalibrateOptions) -> str:
@@ -388,14 +431,15 @@ def _mixed_precision(model: onnx.ModelProto, placement: Placement, amax: dict[st
     return mixed
 
 
-def _layer_report(model: onnx.ModelProto, spec: ModelSpec, placement: Placement, amax: dict[str, float],
-                  probe: HeadProbe, options: CalibrateOptions, paths: dict[str, Path], method: str) -> None:
+def _layer_report(model: onnx.ModelProto, fitted: onnx.ModelProto, spec: ModelSpec, placement: Placement,
+                  amax: dict[str, float], probe: HeadProbe, options: CalibrateOptions, paths: dict[str, Path],
+                  method: str) -> None:
     """layer_error.json/.md: every network tensor of the all-int8 Q/DQ model against fp32 (where int8
     hurts, whatever mixed precision later keeps float)."""
     count = max(1, options.layer_report_images // max(1, len(probe.batches[0][1])))
     batches = [x for x, _ in probe.batches[:count]]
     _say(options, f"per-layer int8-vs-fp32 comparison on {sum(len(g) for _, g in probe.batches[:count])} image(s)")
-    rows = compare_tensors(model, build_qdq_model(model, placement.layers, amax), batches,
+    rows = compare_tensors(model, build_qdq_model(fitted, placement.layers, amax), batches,
                            spec.graph.input.name, threads=options.threads)
     meta = {"compared": "all eligible layers int8 (Q/DQ) vs fp32", "method": method,
             "images": sum(len(g) for _, g in probe.batches[:count])}

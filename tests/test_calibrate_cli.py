@@ -255,6 +255,24 @@ def test_default_knee_rule_and_no_sensitivity_without_mixed_precision(inputs, tm
     assert not (out / "sensitivity.json").exists() and not (out / "sensitivity.md").exists()
 
 
+def test_weight_fitting_from_the_cli_is_guarded_and_reported(inputs, tmp_path):
+    _, model, images = inputs
+    out = tmp_path / "fit"
+    assert _run(model, images, out, "--method", "minmax", "--int8", "--budget", "none", "--rounding", "adaround",
+                "--bias-correction", "--fit-images", "2", "--layer-report-images", "0") == 0
+    report = json.loads((out / "weight_fit.json").read_text())
+    assert report["options"]["rounding"] == "adaround" and report["options"]["bias_correction"] is True
+    assert report["images"] == 2 and report["layers"]
+    before, after = report["all_int8_head_error"]["before"], report["all_int8_head_error"]["after"]
+    assert report["kept"] == (after < before)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["int8_head_error"]["head_error"] == pytest.approx(min(before, after), abs=1e-6)
+    # without the options there is no fit and no stale report
+    assert _run(model, images, out, "--method", "minmax", "--int8", "--budget", "none", "--force",
+                "--layer-report-images", "0") == 0
+    assert not (out / "weight_fit.json").exists()
+
+
 def test_cpu_model_can_keep_the_mixed_float_layers(inputs, tmp_path):
     from centernet_edge.quantize.pipeline import CalibrateOptions, calibrate
 
