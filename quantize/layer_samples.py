@@ -35,6 +35,7 @@ class ConvLayer:
     weight: np.ndarray
     bias: np.ndarray | None
     attrs: dict[str, object]
+    bias_shared: bool = False  # the bias initializer is read by other nodes too (exporters share equal ones)
 
     @property
     def groups(self) -> int:
@@ -69,13 +70,15 @@ def conv_layers(model: onnx.ModelProto, layers: list[QuantLayer]) -> list[ConvLa
         if attrs is None or node.input[1] not in inits or uses.get(node.input[1], 0) != 1:
             continue
         bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        if bias_name is not None and (bias_name not in inits or uses.get(bias_name, 0) != 1):
+        if bias_name is not None and bias_name not in inits:
             continue
         weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
         if weight.ndim != 4:
             continue
         bias = numpy_helper.to_array(inits[bias_name]).astype(np.float32) if bias_name else None
-        out.append(ConvLayer(node.name, len(out), node.input[0], node.input[1], bias_name, weight, bias, attrs))
+        shared = bias_name is not None and uses.get(bias_name, 0) > 1
+        out.append(ConvLayer(node.name, len(out), node.input[0], node.input[1], bias_name, weight, bias, attrs,
+                             shared))
     return out
 
 

@@ -138,11 +138,15 @@ def _write_back(work: onnx.ModelProto, conv: ConvLayer, weight: np.ndarray | Non
     if bias is None:
         return
     flat = bias.reshape(-1).astype(np.float32)
-    if conv.bias_name is None:  # a conv without bias gets one (zero in fp32, the correction in int8)
+    if conv.bias_name is None or conv.bias_shared:  # a conv without a bias of its own gets one
         conv.bias_name = unique_name(f"{conv.weight_name}_bias", taken)
+        conv.bias_shared = False
         work.graph.initializer.append(numpy_helper.from_array(flat, conv.bias_name))
         node = next(n for n in work.graph.node if n.name == conv.name)
-        node.input.append(conv.bias_name)
+        if len(node.input) > 2:
+            node.input[2] = conv.bias_name
+        else:
+            node.input.append(conv.bias_name)
     else:
         _set_initializer(work, conv.bias_name, flat)
     conv.bias = flat
