@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer-report-images", type=int, default=2,
                    help="images for layer_error.json/.md, the per-layer int8-vs-fp32 comparison; 0 skips it "
                         "(default: %(default)s)")
+    p.add_argument("--equalize", action=argparse.BooleanOptionalAction, default=False,
+                   help="cross-layer equalization of conv -> ReLU/identity -> conv pairs before calibration "
+                        "(same fp32 function; default: off)")
     p.add_argument("--rounding", choices=ROUNDINGS, default="nearest",
                    help="int8 weight rounding: nearest (default) or adaround (learned per layer on calibration "
                         "patches, layers fitted in order on quantized inputs; kept only when it lowers the "
@@ -148,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         int8=args.int8 or both, fp16=args.fp16 or both, method=args.method, percentile=args.percentile,
         mixed=mixed, budget=budget, max_float=args.max_float, sensitivity_images=args.sensitivity_images,
         ranking_images=args.ranking_images, rounding=args.rounding, bias_correction=args.bias_correction,
+        equalize=args.equalize,
         fit_images=args.fit_images,
         cpu_float=args.cpu_float, cpu_format=args.cpu_format, cpu_float_heads=args.cpu_float_heads,
         trt_version=args.trt_version, force=args.force, threads=args.threads, workers=args.workers,

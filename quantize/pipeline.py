@@ -28,6 +28,7 @@ from centernet_edge.runtime.preprocess import prepare_batch
 from centernet_edge.runtime.spec import ModelSpec, load_spec
 
 from .artifacts import derived_spec, save_model
+from .equalize import equalize
 from .fp16 import convert_fp16
 from .head_error import HeadProbe
 from .layer_error import compare_tensors, write_layer_errors
@@ -94,6 +95,7 @@ class CalibrateOptions:
     seed: int = 0
     int8: bool = True
     fp16: bool = True
+    equalize: bool = False  # cross-layer equalization before statistics (quantize/equalize.py)
     method: str = "auto"
     percentile: float = 99.99
     # Which layers stay float: "knee" (default; see mixed.search_knee), "budget" (the smallest set within
@@ -145,11 +147,16 @@ def _workers(options: CalibrateOptions) -> int:
 
 
 def _method_options(options: CalibrateOptions, method: str) -> dict[str, Any]:
-    return {"percentile": options.percentile} if method == "percentile" else {}
+    """What the ranges depend on besides model and images (recorded; a cache made otherwise is stale)."""
+    out: dict[str, Any] = {"percentile": options.percentile} if method == "percentile" else {}
+    if options.equalize:
+        out["equalize"] = True  # ranges of the equalized model
+    return out
 
 
 def _amaxes(stats: CalibrationStats, method: str, options: CalibrateOptions) -> dict[str, float]:
-    return compute_amaxes(stats.tensors, method, **_method_options(options, method))
+    kwargs = {"percentile": options.percentile} if method == "percentile" else {}
+    return compute_amaxes(stats.tensors, method, **kwargs)
 
 
 def _downstream_amaxes(model: onnx.ModelProto, spec: ModelSpec, placement: Placement, stats: CalibrationStats,
@@ -224,8 +231,11 @@ def calibrate(options: CalibrateOptions) -> CalibrateResult:
     trt_version = trt_version_int(options.trt_version)
 
     clock = _Clock()
-    model = ensure_node_names(onnx.load(str(model_path)))
+    source = model = ensure_node_names(onnx.load(str(model_path)))
     model_sha = file_sha256(model_path)
+    if options.equalize:
+        model, pairs = equalize(model)
+        _say(options, f"cross-layer equalization: {len(pairs)} conv pair(s) rescaled")
     placement = plan_placement(model)
     calib = load_calibration_set(options.images, images_dir=options.images_dir,
                                  num_images=options.num_images, seed=options.seed)
@@ -245,10 +255,18 @@ def calibrate(options: CalibrateOptions) -> CalibrateResult:
         _say(options, f"reusing calibration in {out} (same model, images and method)")
     else:
         tensors = list(dict.fromkeys(calibration_tensors(model, spec) + placement.activation_tensors()))
-        stats = collect_calibration_stats(model_path, spec, calib, tensors=tensors,
-                                          batch_size=options.batch_size, cache_dir=options.stats_cache,
-                                          progress=options.progress, intra_op_num_threads=options.threads,
-                                          workers=_workers(options))
+        stats_path = model_path
+        if options.equalize:  # the statistics must be those of the equalized model
+            stats_path = out / ".equalized.onnx.tmp"
+            onnx.save(model, str(stats_path))
+        try:
+            stats = collect_calibration_stats(stats_path, spec, calib, tensors=tensors,
+                                              batch_size=options.batch_size, cache_dir=options.stats_cache,
+                                              progress=options.progress, intra_op_num_threads=options.threads,
+                                              workers=_workers(options))
+        finally:
+            if stats_path != model_path:
+                stats_path.unlink(missing_ok=True)
         observed = {n: (s.min, s.max) for n, s in stats.tensors.items()}
         method = options.method
         if method == "auto":
@@ -279,7 +297,7 @@ def calibrate(options: CalibrateOptions) -> CalibrateResult:
                 result.artifacts[key] = paths[key]
     if options.fp16:
         _say(options, "writing fp16 model")
-        fp16 = convert_fp16(model, placement.regions)
+        fp16 = convert_fp16(source, placement.regions)
         save_model(fp16, paths["fp16"], derived_spec(spec, "fp16", provenance), sidecar=foreign)
         result.artifacts["fp16"] = paths["fp16"]
         clock.lap("fp16")

@@ -273,6 +273,22 @@ def test_weight_fitting_from_the_cli_is_guarded_and_reported(inputs, tmp_path):
     assert not (out / "weight_fit.json").exists()
 
 
+def test_equalize_from_the_cli(inputs, tmp_path):
+    _, model, images = inputs
+    out = tmp_path / "eq"
+    assert _run(model, images, out, "--method", "minmax", "--int8", "--budget", "none", "--equalize",
+                "--layer-report-images", "0") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method_options"].get("equalize") is True
+    assert not list(out.glob("*.tmp"))
+    # a cache made without equalization is stale for a run with it
+    plain = tmp_path / "plain"
+    assert _run(model, images, plain, "--method", "minmax", "--int8", "--budget", "none",
+                "--layer-report-images", "0") == 0
+    assert _run(model, images, plain, "--method", "minmax", "--int8", "--budget", "none", "--equalize",
+                "--layer-report-images", "0") == 3
+
+
 def test_cpu_model_can_keep_the_mixed_float_layers(inputs, tmp_path):
     from centernet_edge.quantize.pipeline import CalibrateOptions, calibrate
 
