@@ -370,9 +370,8 @@ def _int8_artifacts(model: onnx.ModelProto, spec: ModelSpec, placement: Placemen
                sidecar=foreign)
     if options.layer_report_images > 0:
         _layer_report(model, fitted, spec, placement, amax, probe, options, paths, method)
-    cpu_info = _cpu_artifact([fitted, model] if fitted is not model else [model], spec, placement, amax,
-                             observed, probe, options, paths, provenance, foreign,
-                             mixed.float_layers if options.cpu_float == "mixed" else [])
+    cpu_info = _cpu_artifact(fitted, spec, placement, amax, observed, probe, options, paths, provenance,
+                             foreign, mixed.float_layers if options.cpu_float == "mixed" else [])
     clock.lap("int8_artifacts")
     return mixed, cpu_info
 
@@ -465,7 +464,7 @@ def _layer_report(model: onnx.ModelProto, fitted: onnx.ModelProto, spec: ModelSp
     write_layer_errors(rows, paths["layer_error_json"], paths["layer_error_md"], meta)
 
 
-def _cpu_artifact(sources: list[onnx.ModelProto], spec: ModelSpec, placement: Placement, amax: dict[str, float],
+def _cpu_artifact(model: onnx.ModelProto, spec: ModelSpec, placement: Placement, amax: dict[str, float],
                   observed: dict[str, tuple[float, float]], probe: HeadProbe, options: CalibrateOptions,
                   paths: dict[str, Path], provenance: dict[str, Any], foreign: bool, keep_float: list[str]
                   ) -> dict[str, Any] | None:
@@ -473,30 +472,19 @@ def _cpu_artifact(sources: list[onnx.ModelProto], spec: ModelSpec, placement: Pl
     from long integer chains, and float islands cost more in Q/DQ transitions than they return (measured
     on mb3: keeping layers float made the CPU model slower than fp32 without recovering its accuracy,
     which is lost in the quantized elementwise ops around them). Its head error is recorded so the
-    accuracy cost is visible.
-
-    ``sources``: the fitted weights first, then the original ones when a weight fit was kept. The fit was
-    made for the symmetric int8 Q/DQ activations; this model's uint8 activations round differently, so
-    each is built and the one with the lower head error on the calibration images is written."""
+    accuracy cost is visible."""
     _say(options, "writing ONNX Runtime CPU int8 model")
-    built = []
-    for source in sources:
-        try:
-            cpu, graph_changes = build_ort_cpu_int8_with_report(
-                source, ort_ranges(amax, observed), keep_float=keep_float,
-                config=CpuInt8Config(fmt=options.cpu_format, float_head_outputs=options.cpu_float_heads),
-                regions=placement.regions)
-        except Exception as exc:  # ONNX Runtime's quantizer rejects some graphs; the TensorRT artifacts stand
-            log.warning("ONNX Runtime CPU int8 model not written: %s: %s", type(exc).__name__, exc)
-            paths["cpu"].unlink(missing_ok=True)  # never leave a stale one from an earlier run beside new ones
-            return None
-        built.append((probe.measure(cpu).head_error, len(built), cpu, graph_changes))
-    error, index, cpu, graph_changes = min(built, key=lambda item: (item[0], item[1]))
-    if len(built) > 1:
-        _say(options, f"CPU int8 model: head error with fitted weights {built[0][0]:.4f}, original "
-                      f"{built[1][0]:.4f}; writing the {'fitted' if index == 0 else 'original'} ones")
+    try:
+        cpu, graph_changes = build_ort_cpu_int8_with_report(
+            model, ort_ranges(amax, observed), keep_float=keep_float,
+            config=CpuInt8Config(fmt=options.cpu_format, float_head_outputs=options.cpu_float_heads),
+            regions=placement.regions)
+    except Exception as exc:  # ONNX Runtime's quantizer rejects some graphs; the TensorRT artifacts stand
+        log.warning("ONNX Runtime CPU int8 model not written: %s: %s", type(exc).__name__, exc)
+        paths["cpu"].unlink(missing_ok=True)  # never leave a stale one from an earlier run beside new ones
+        return None
+    error = probe.measure(cpu).head_error
     info = {"float_layers": len(keep_float), "format": options.cpu_format,
-            "weights": "fitted" if index == 0 and len(sources) > 1 else "original",
             "float_head_outputs": options.cpu_float_heads, "head_error": round(error, 6),
             "graph_changes": graph_changes}
     label = "int8-mixed" if keep_float else "int8"

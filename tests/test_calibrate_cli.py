@@ -267,9 +267,6 @@ def test_weight_fitting_from_the_cli_is_guarded_and_reported(inputs, tmp_path):
     assert report["kept"] == (after < before)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["int8_head_error"]["head_error"] == pytest.approx(min(before, after), abs=1e-6)
-    assert summary["cpu_int8"]["weights"] in ("fitted", "original")
-    if not report["kept"]:
-        assert summary["cpu_int8"]["weights"] == "original"
     # without the options there is no fit and no stale report
     assert _run(model, images, out, "--method", "minmax", "--int8", "--budget", "none", "--force",
                 "--layer-report-images", "0") == 0
