@@ -88,10 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--equalize", action=argparse.BooleanOptionalAction, default=False,
                    help="cross-layer equalization of conv -> ReLU/identity -> conv pairs before calibration "
                         "(same fp32 function; default: off)")
-    p.add_argument("--rounding", choices=ROUNDINGS, default="nearest",
-                   help="int8 weight rounding: nearest (default) or adaround (learned per layer on calibration "
-                        "patches, layers fitted in order on quantized inputs; kept only when it lowers the "
-                        "all-int8 head error on calibration images)")
+    p.add_argument("--rounding", choices=ROUNDINGS, default="adaround",
+                   help="int8 weight rounding: adaround (default; learned per layer on calibration patches, "
+                        "layers fitted in order on quantized inputs, kept only when it lowers the all-int8 "
+                        "head error on calibration images) or nearest")
     p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=False,
                    help="empirical per-channel bias correction of the int8 convs (same guard as --rounding; "
                         "default: off)")

@@ -159,7 +159,7 @@ def test_cache_is_byte_identical_across_runs(calibrated, inputs, tmp_path, worke
     out = tmp_path / "again"
     assert _run(model, images, out, "--method", "minmax", "--budget", "0.05", "--workers", workers) == 0
     for name in ("calibration.cache", "summary.json", "model_int8_qdq.onnx", "precision.json",
-                 "sensitivity.json"):
+                 "sensitivity.json", "weight_fit.json", "model_int8_cpu.onnx"):
         assert (out / name).read_bytes() == (calibrated / name).read_bytes(), name
 
 
@@ -267,9 +267,9 @@ def test_weight_fitting_from_the_cli_is_guarded_and_reported(inputs, tmp_path):
     assert report["kept"] == (after < before)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["int8_head_error"]["head_error"] == pytest.approx(min(before, after), abs=1e-6)
-    # without the options there is no fit and no stale report
+    # nearest rounding without bias correction: no fit and no stale report
     assert _run(model, images, out, "--method", "minmax", "--int8", "--budget", "none", "--force",
-                "--layer-report-images", "0") == 0
+                "--rounding", "nearest", "--no-bias-correction", "--layer-report-images", "0") == 0
     assert not (out / "weight_fit.json").exists()
 
 
