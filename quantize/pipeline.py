@@ -35,11 +35,11 @@ from .layer_error import compare_tensors, write_layer_errors
 from .mixed import DEFAULT_BUDGET, MixedResult, search_knee, search_mixed_precision, write_precision
 from .ort_cpu_int8 import CpuInt8Config, build_ort_cpu_int8_with_report, ort_ranges
 from .parallel import default_workers
-from .placement import Placement, plan_placement
+from .placement import Placement, QuantLayer, plan_placement
 from .qdq import build_qdq_model
 from .range_search import search_ranges
 from .sensitivity import layer_sensitivity, write_sensitivity
-from .sequential import ROUNDINGS, FitOptions, FitReport, fit_layers
+from .sequential import ROUNDINGS, FitOptions, fit_layers
 from .stats import CalibrationStats, collect_calibration_stats
 from .tensors import calibration_tensors
 from .thresholds import METHODS, compute_amaxes
@@ -355,10 +355,25 @@ def _int8_artifacts(model: onnx.ModelProto, spec: ModelSpec, placement: Placemen
                     observed: dict[str, tuple[float, float]], probe: HeadProbe, options: CalibrateOptions,
                     paths: dict[str, Path], provenance: dict[str, Any], foreign: bool, method: str,
                     clock: _Clock, calib: CalibrationSet) -> tuple[MixedResult, dict[str, Any] | None]:
-    fitted = _fit_weights(model, spec, placement, amax, probe, calib, options, paths)
-    clock.lap("weight_fitting")
-    mixed = _mixed_precision(fitted, placement, amax, probe, options, paths, method)
+    mixed = _mixed_precision(model, placement, amax, probe, options, paths, method)
     clock.lap("sensitivity_and_mixed_precision")
+    paths["weight_fit"].unlink(missing_ok=True)
+    int8_layers = placement.select(mixed.float_layers)
+    fitted, qdq_fit = _fit_weights(model, spec, int8_layers, amax, probe, calib, options,
+                                   mixed.error.head_error, "TensorRT Q/DQ model")
+    if qdq_fit is not None and qdq_fit["kept"]:
+        mixed.error = probe.measure(build_qdq_model(fitted, int8_layers, amax))
+    cpu_float = mixed.float_layers if options.cpu_float == "mixed" else []
+    cpu_source, cpu_fit = fitted, qdq_fit
+    if qdq_fit is not None and cpu_float != mixed.float_layers:  # the CPU model's own int8 layers
+        baseline = mixed.curve[0][1].head_error if mixed.curve and mixed.curve[0][0] == 0 else \
+            probe.measure(build_qdq_model(model, placement.layers, amax)).head_error
+        cpu_source, cpu_fit = _fit_weights(model, spec, placement.select(cpu_float), amax, probe, calib,
+                                           options, baseline, "CPU model")
+    if qdq_fit is not None:
+        doc = {"qdq": qdq_fit, "cpu": cpu_fit if cpu_fit is not qdq_fit else "same as qdq"}
+        atomic_write_text(paths["weight_fit"], json.dumps(doc, indent=2) + "\n")
+    clock.lap("weight_fitting")
     _say(options, f"{len(mixed.float_layers)} layer(s) kept float; head error {mixed.error.head_error:.4f}")
     ops = {n.name: n.op_type for n in model.graph.node}
     meta = {"method": method, "probe_images": probe.images, "layers": len(placement.layers),
@@ -367,49 +382,45 @@ def _int8_artifacts(model: onnx.ModelProto, spec: ModelSpec, placement: Placemen
     precision = "int8-mixed" if mixed.float_layers else "int8"
     extra = {**provenance, "float_layers": len(mixed.float_layers),
              "head_error": round(mixed.error.head_error, 6)}
-    qdq = build_qdq_model(fitted, placement.select(mixed.float_layers), amax)
+    qdq = build_qdq_model(fitted, int8_layers, amax)
     save_model(qdq, paths["qdq"], derived_spec(spec, precision, {**extra, "int8_format": "qdq-tensorrt"}),
                sidecar=foreign)
     if options.layer_report_images > 0:
-        _layer_report(model, fitted, spec, placement, amax, probe, options, paths, method)
-    cpu_info = _cpu_artifact(fitted, spec, placement, amax, observed, probe, options, paths, provenance,
-                             foreign, mixed.float_layers if options.cpu_float == "mixed" else [])
+        _layer_report(model, cpu_source if not cpu_float else model, spec, placement, amax, probe, options,
+                      paths, method)
+    cpu_info = _cpu_artifact(cpu_source, spec, placement, amax, observed, probe, options, paths, provenance,
+                             foreign, cpu_float)
     clock.lap("int8_artifacts")
     return mixed, cpu_info
 
 
-def _fit_weights(model: onnx.ModelProto, spec: ModelSpec, placement: Placement, amax: dict[str, float],
-                 probe: HeadProbe, calib: CalibrationSet, options: CalibrateOptions, paths: dict[str, Path]
-                 ) -> onnx.ModelProto:
-    """The model whose weights the int8 artifacts quantize: ``model`` itself, or with AdaRound levels
-    and/or corrected biases (quantize/sequential.py) when asked. The fit replays ``fit_images``
-    calibration images taken after the probe images, and is kept only when it lowers the all-int8 head
-    error on the probe images (a label-free guard: a per-layer objective need not help the heads)."""
+def _fit_weights(model: onnx.ModelProto, spec: ModelSpec, layers: list[QuantLayer], amax: dict[str, float],
+                 probe: HeadProbe, calib: CalibrationSet, options: CalibrateOptions, baseline: float,
+                 label: str) -> tuple[onnx.ModelProto, dict[str, Any] | None]:
+    """The model whose weights an int8 artifact quantizes: ``model`` itself, or with AdaRound levels
+    and/or corrected biases (quantize/sequential.py) fitted for exactly the int8 ``layers`` of that
+    artifact (fitted weights compensate the error of the quantized layers upstream; with a different set
+    of float layers they would compensate the wrong error). The fit replays ``fit_images`` calibration
+    images taken after the probe images, and is kept only when it lowers that configuration's head error
+    on the probe images below ``baseline`` (a label-free guard: a per-layer objective need not help the
+    heads). Returns the model and the report entry (None when no fit was asked for)."""
     fit = FitOptions(rounding=options.rounding, bias_correction=options.bias_correction, seed=options.seed)
-    paths["weight_fit"].unlink(missing_ok=True)
     if not fit.active():
-        return model
+        return model, None
     # Images after the probe's, so the guard judges the fit on images it was not fitted on (when the
     # calibration set has that many).
     batches = [x for x, _ in _probe_batches(calib, spec, probe.images + options.fit_images)]
     batches = batches[len(probe.batches):] or batches
-    _say(options, f"fitting int8 weights ({options.rounding} rounding, bias correction "
+    _say(options, f"fitting int8 weights for the {label} ({options.rounding} rounding, bias correction "
                   f"{'on' if options.bias_correction else 'off'}) on {sum(b.shape[0] for b in batches)} image(s)")
-    fitted, report = fit_layers(model, placement.layers, amax, batches, spec.graph.input.name, fit,
-                                threads=options.threads)
-    before = probe.measure(build_qdq_model(model, placement.layers, amax)).head_error
-    after = probe.measure(build_qdq_model(fitted, placement.layers, amax)).head_error
-    kept = after < before
-    _say(options, f"weight fitting: all-int8 head error {before:.4f} -> {after:.4f}; "
+    fitted, report = fit_layers(model, layers, amax, batches, spec.graph.input.name, fit, threads=options.threads)
+    after = probe.measure(build_qdq_model(fitted, layers, amax)).head_error
+    kept = after < baseline
+    _say(options, f"weight fitting ({label}): head error {baseline:.4f} -> {after:.4f}; "
                   f"{'kept' if kept else 'dropped (does not help the heads)'}")
-    _write_fit_report(paths["weight_fit"], report, before, after, kept)
-    return fitted if kept else model
-
-
-def _write_fit_report(path: Path, report: FitReport, before: float, after: float, kept: bool) -> None:
-    doc = {"all_int8_head_error": {"before": round(before, 6), "after": round(after, 6)}, "kept": kept,
-           **report.to_dict()}
-    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+    doc = {"head_error": {"before": round(baseline, 6), "after": round(after, 6)}, "kept": kept,
+           "int8_layers": len(layers), **report.to_dict()}
+    return (fitted if kept else model), doc
 
 
 def _mixed_rule(options: CalibrateOptions) -> str:

@@ -241,7 +241,11 @@ def test_default_knee_rule_and_no_sensitivity_without_mixed_precision(inputs, tm
     _, model, images = inputs
     out = tmp_path / "knee"
     assert _run(model, images, out, "--method", "minmax", "--int8") == 0
+    fits = json.loads((out / "weight_fit.json").read_text())
     precision = json.loads((out / "precision.json").read_text())
+    # the Q/DQ model's fit is made for its own int8 layers, the all-int8 CPU model gets its own fit
+    assert fits["qdq"]["int8_layers"] + len(precision["float_layers"]) == fits["cpu"]["int8_layers"]
+    assert fits["qdq"]["int8_layers"] == len(precision["int8_layers"])
     assert precision["search"]["rule"] == "knee" and precision["meta"]["rule"] == "knee"
     assert FRAGILE in precision["float_layers"]
     convs = sum(1 for e in precision["nodes"].values()
@@ -260,10 +264,12 @@ def test_weight_fitting_from_the_cli_is_guarded_and_reported(inputs, tmp_path):
     out = tmp_path / "fit"
     assert _run(model, images, out, "--method", "minmax", "--int8", "--budget", "none", "--rounding", "adaround",
                 "--bias-correction", "--fit-images", "2", "--layer-report-images", "0") == 0
-    report = json.loads((out / "weight_fit.json").read_text())
+    doc = json.loads((out / "weight_fit.json").read_text())
+    assert doc["cpu"] == "same as qdq"  # every eligible layer int8 in both: one fit serves both
+    report = doc["qdq"]
     assert report["options"]["rounding"] == "adaround" and report["options"]["bias_correction"] is True
     assert report["images"] == 2 and report["layers"]
-    before, after = report["all_int8_head_error"]["before"], report["all_int8_head_error"]["after"]
+    before, after = report["head_error"]["before"], report["head_error"]["after"]
     assert report["kept"] == (after < before)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["int8_head_error"]["head_error"] == pytest.approx(min(before, after), abs=1e-6)
