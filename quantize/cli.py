@@ -28,7 +28,8 @@ from .trt_cache import DEFAULT_TRT_VERSION, StaleCacheError
 __all__ = ["build_parser", "main"]
 
 _EPILOG = """outputs (in -o): calibration.cache, summary.json, timings.json, model_int8_qdq.onnx (TensorRT),
-model_int8_cpu.onnx (ONNX Runtime CPU), model_fp16.onnx, sensitivity.json/.md, precision.json.
+model_int8_cpu.onnx (ONNX Runtime CPU), model_fp16.onnx, sensitivity.json/.md, precision.json,
+weight_fit.json (AdaRound / bias correction per layer), layer_error.json/.md.
 exit codes: 0 ok, 2 bad input, 3 an existing cache was made from another model/images/method."""
 
 
