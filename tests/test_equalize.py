@@ -1,4 +1,5 @@
-"""Cross-layer equalization keeps the fp32 function and balances the paired channel ranges."""
+"""Cross-layer equalization keeps the fp32 function and balances the paired channel ranges; on official
+res_18 (random weights) the weight fitting runs too."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from test_export_models import save_checkpoint
 from centernet_edge.export.onnx_export import ExportOptions, export_checkpoint
 from centernet_edge.export.verify import synthetic_images
 from centernet_edge.quantize.equalize import equalizable_pairs, equalize
-from centernet_edge.runtime.onnx_graph import initializers
+from centernet_edge.quantize.placement import plan_placement
+from centernet_edge.quantize.sequential import FitOptions, fit_layers
+from centernet_edge.runtime.onnx_graph import initializers, prune_to_outputs
 from centernet_edge.runtime.onnx_session import create_session
 from centernet_edge.runtime.preprocess import prepare_batch
 from centernet_edge.runtime.spec import ModelSpec
@@ -58,6 +61,23 @@ def test_res18_function_unchanged_and_ranges_balanced(res18):
         spread_before.append(o1.max() / o1.min())
         spread_after.append(r1.max() / r1.min())
     assert np.median(spread_after) <= np.median(spread_before)
+
+
+def test_res18_weight_fitting_runs_and_never_loses_to_nearest(res18):
+    equalized, _ = equalize(res18)
+    spec = ModelSpec.from_onnx(equalized)
+    placement = plan_placement(equalized)
+    images = [img for _, img in synthetic_images(2, seed=5)]
+    feeds = [prepare_batch([img], spec)[0] for img in images]
+    tensors = placement.activation_tensors()
+    session = create_session(prune_to_outputs(equalized, tensors).SerializeToString(), threads=1)
+    values = [session.run(tensors, {session.get_inputs()[0].name: f}) for f in feeds]
+    amax = {t: max(float(np.abs(v[i]).max()) for v in values) for i, t in enumerate(tensors)}
+    options = FitOptions(rounding="adaround", bias_correction=True, samples=256, iterations=30)
+    fitted, report = fit_layers(equalized, placement.layers, amax, feeds, spec.graph.input.name, options)
+    assert len(report.layers) >= 15  # the ResNet convs and the head convs
+    for row in report.layers:
+        assert row.error <= row.nearest_error * (1 + 1e-6) and row.shift_after <= row.shift_before + 1e-9
 
 
 def _chain(activation: str) -> onnx.ModelProto:
