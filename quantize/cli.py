@@ -33,17 +33,18 @@ __all__ = ["build_parser", "main"]
 
 PROG = "centernet-calibrate"
 _EPILOG = """outputs (in -o): calibration.cache, summary.json, timings.json, model_int8_qdq.onnx (TensorRT),
-model_int8_cpu.onnx (ONNX Runtime CPU), model_fp16.onnx, sensitivity.json/.md and precision.json (only
-with mixed precision, i.e. a --budget).
+model_int8_cpu.onnx (ONNX Runtime CPU), model_fp16.onnx, precision.json, weight_fit.json (AdaRound / bias
+correction per layer), layer_error.json/.md; sensitivity.json/.md when layers may stay float (--mixed knee or
+budget).
 unreadable calibration images are skipped, counted and named in summary.json (--strict fails instead).
 exit codes: 0 ok, 2 bad input (one line on stderr, nothing written), 3 an existing cache was made from
 another model/images/method, 130 interrupted (nothing written)."""
 
 
-def _budget(text: str) -> float | None:
+def _budget(text: str) -> float | str:
     """A head-error budget in [0, 1], or 'none' for every eligible layer in int8."""
     if text.lower() in ("none", "off", "all-int8"):
-        return None
+        return "none"
     try:
         value = float(text)
     except ValueError:
@@ -67,8 +68,9 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .mixed import DEFAULT_BUDGET
-    from .pipeline import METHOD_CHOICES
+    from .mixed import DEFAULT_BUDGET, DEFAULT_FLOAT_SHARE, KNEE_TOLERANCE
+    from .pipeline import METHOD_CHOICES, MIXED_RULES
+    from .sequential import ROUNDINGS
     from .trt_cache import DEFAULT_TRT_VERSION
 
     p = OneLineParser(
@@ -97,13 +99,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer-report-images", type=int, default=2,
                    help="images for layer_error.json/.md, the per-layer int8-vs-fp32 comparison; 0 skips it "
                         "(default: %(default)s)")
+    p.add_argument("--equalize", action=argparse.BooleanOptionalAction, default=False,
+                   help="cross-layer equalization of conv -> ReLU/identity -> conv pairs before calibration "
+                        "(same fp32 function; default: off)")
+    p.add_argument("--rounding", choices=ROUNDINGS, default="adaround",
+                   help="int8 weight rounding: adaround (default; learned per layer on calibration patches, "
+                        "layers fitted in order on quantized inputs, kept only when it lowers the all-int8 "
+                        "head error on calibration images) or nearest")
+    p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=False,
+                   help="empirical per-channel bias correction of the int8 convs (same guard as --rounding; "
+                        "default: off)")
+    p.add_argument("--fit-images", type=_positive, default=8,
+                   help="calibration images replayed by --rounding adaround / --bias-correction "
+                        "(default: %(default)s)")
     p.add_argument("--percentile", type=float, default=99.99,
                    help="percentile for --method percentile (default: %(default)s)")
-    p.add_argument("--budget", type=_budget, default=DEFAULT_BUDGET,
-                   help="mixed precision: max head error (1 - score-weighted detection agreement with fp32 "
-                        "on calibration images; default %(default)s); 'none' quantizes every eligible layer "
-                        "and skips the sensitivity analysis")
-    p.add_argument("--max-float", type=int, help="at most this many layers kept float")
+    p.add_argument("--mixed", choices=MIXED_RULES, default="knee",
+                   help="which layers stay float (label-free, calibration images): 'knee' (default) measures "
+                        f"0..cap float layers (cap: {DEFAULT_FLOAT_SHARE:.0%} of the Conv layers) and keeps the "
+                        f"fewest that reach {1 - KNEE_TOLERANCE:.0%} of the head-error reduction the cap gives; "
+                        "'budget' the fewest within --budget; 'none' every eligible layer int8 (no sensitivity "
+                        "analysis)")
+    p.add_argument("--budget", type=_budget, default=None,
+                   help="selects the budget rule: max head error (1 - score-weighted detection agreement with "
+                        f"fp32 on calibration images; {DEFAULT_BUDGET} with --mixed budget); 'none' = --mixed none")
+    p.add_argument("--max-float", type=int,
+                   help="at most this many layers kept float (the knee rule's cap; default 10%% of the convs)")
+    p.add_argument("--ranking-images", type=_positive, default=8,
+                   help="calibration images of the one-layer-at-a-time sensitivity ranking (default: "
+                        "%(default)s)")
     p.add_argument("--cpu-float", choices=("none", "mixed"), default="none",
                    help="layers kept float in model_int8_cpu.onnx: none (fastest) or the mixed-precision set")
     p.add_argument("--cpu-format", choices=("qoperator", "qdq"), default="qoperator",
@@ -111,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-float-heads", action="store_true",
                    help="keep the head convs float in model_int8_cpu.onnx (logits not rounded; slower)")
     p.add_argument("--sensitivity-images", type=_positive, default=32,
-                   help="calibration images used for sensitivity and the mixed-precision search "
+                   help="calibration images that score whole-model candidates (auto method, mixed precision) "
                         "(default: %(default)s)")
     p.add_argument("--trt-version", type=_trt_version, default=DEFAULT_TRT_VERSION,
                    help="TensorRT version for the cache header: 10.16.1, 8.6.1 or NV_TENSORRT_VERSION "
@@ -144,8 +168,9 @@ def _report(result: CalibrateResult, quiet: bool) -> None:
     print(f"calibration.cache: {result.header_note}")
     if result.mixed is not None:
         m = result.mixed
+        rule = f"budget {m.budget}" if m.rule == "budget" else f"rule {m.rule}"
         print(f"int8 (TensorRT Q/DQ): method {result.method}, {len(m.float_layers)} layer(s) kept float, "
-              f"head error {m.error.head_error:.4f} (budget {m.budget})")
+              f"head error {m.error.head_error:.4f} ({rule})")
     if result.cpu_int8 is not None:
         c = result.cpu_int8
         print(f"int8 (ONNX Runtime CPU): {c['float_layers']} layer(s) kept float, head error {c['head_error']:.4f}")
@@ -158,11 +183,15 @@ def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     both = not (args.int8 or args.fp16)
+    mixed, budget = (("none", None) if args.budget == "none" else (args.mixed, args.budget))
     options = CalibrateOptions(
         model=args.model, images=args.images, out_dir=args.out_dir, model_spec=args.model_spec,
         images_dir=args.images_dir, num_images=args.num_images, seed=args.seed,
         int8=args.int8 or both, fp16=args.fp16 or both, method=args.method, percentile=args.percentile,
-        budget=args.budget, max_float=args.max_float, sensitivity_images=args.sensitivity_images,
+        mixed=mixed, budget=budget, max_float=args.max_float, sensitivity_images=args.sensitivity_images,
+        ranking_images=args.ranking_images, rounding=args.rounding, bias_correction=args.bias_correction,
+        equalize=args.equalize,
+        fit_images=args.fit_images,
         cpu_float=args.cpu_float, cpu_format=args.cpu_format, cpu_float_heads=args.cpu_float_heads,
         trt_version=args.trt_version, force=args.force, threads=args.threads, workers=args.workers,
         batch_size=args.batch_size, range_images=args.range_images,

@@ -173,6 +173,21 @@ class HeadProbe:
 
         return [r for part in map_ordered(task, range(groups), groups) for r in part]
 
+    def subset(self, images: int) -> HeadProbe:
+        """A probe on the first batches holding at least ``images`` images (all when fewer), sharing this
+        probe's fp32 reference (no fp32 rerun)."""
+        count = 0
+        batches = []
+        for batch in self.batches:
+            if count >= max(1, images):
+                break
+            batches.append(batch)
+            count += len(batch[1])
+        probe = HeadProbe(self.spec, batches, threads=self.threads, workers=self.workers)
+        if self._reference is not None:
+            probe._reference = self._reference[:count]
+        return probe
+
     def set_reference(self, model: onnx.ModelProto | bytes | str) -> None:
         batches = self._per_batch(model, lambda _, refs: refs, None)
         self._reference = [ref for refs in batches for ref in refs]

@@ -46,10 +46,11 @@ ARTIFACTS = {
     "timings": "timings.json",
     "layer_error_json": "layer_error.json",
     "layer_error_md": "layer_error.md",
+    "weight_fit": "weight_fit.json",
 }
 # What only an int8 run writes (a rerun without int8 removes stale ones).
 INT8_ARTIFACTS = ("qdq", "cpu", "sensitivity_json", "sensitivity_md", "precision", "layer_error_json",
-                  "layer_error_md")
+                  "layer_error_md", "weight_fit")
 
 
 class StaleCacheError(RuntimeError):

@@ -12,7 +12,11 @@
    each range method, the ONNX Runtime CPU int8 model, and a trade-off curve over the number of layers
    kept float (most sensitive first);
 3. CPU latency, inference only, batch 1, the same thread count for every model, interleaved
-   round-robin in one process (so load changes hit every model alike): fp32 vs the int8 models.
+   round-robin in one process (so load changes hit every model alike): fp32 vs the int8 models, each
+   speed-up printed with the CPU's integer ISA (avx2 / avx512 / vnni / amx, from /proc/cpuinfo);
+4. the post-training methods one at a time (``--methods-images`` calibration images, every eligible layer
+   int8, each calibration in its own process): equalization, AdaRound rounding, bias correction, downstream
+   ranges, and all of them -> AP of the Q/DQ and CPU artifacts, label-free head error, calibration time.
 
 Prints Markdown tables and writes ``<work>/bench_results.json``.
 """
@@ -80,7 +84,8 @@ def _tree_rss(proc: psutil.Process) -> int:
     return total
 
 
-def run_calibration(model: Path, images: Path, num: int, out: Path, stats_cache: Path, threads: int) -> dict:
+def run_calibration(model: Path, images: Path, num: int, out: Path, stats_cache: Path, threads: int,
+                    extra: tuple[str, ...] = ()) -> dict:
     cmd = [
         sys.executable,
         "-m",
@@ -102,6 +107,7 @@ def run_calibration(model: Path, images: Path, num: int, out: Path, stats_cache:
         str(threads),
         "--force",
         "--quiet",
+        *extra,
     ]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd)
@@ -125,6 +131,42 @@ def run_calibration(model: Path, images: Path, num: int, out: Path, stats_cache:
         raise SystemExit(f"centernet-calibrate failed ({code}) for {num} images")
     stages = json.loads((out / "timings.json").read_text())["seconds"]
     return {"images": num, "wall_s": round(wall, 1), "peak_rss_mb": round(peak / 2**20), "stages_s": stages}
+
+
+# ---- 4. the post-training methods on/off ---------------------------------------------------------
+
+# label -> centernet-calibrate flags; every run quantizes every eligible layer (no mixed precision), so
+# each method's effect on int8 itself is what is measured.
+METHOD_RUNS: dict[str, tuple[str, ...]] = {
+    "baseline (percentile, nearest)": ("--method", "percentile"),
+    "+ equalization": ("--method", "percentile", "--equalize"),
+    "+ AdaRound rounding": ("--method", "percentile", "--rounding", "adaround"),
+    "+ bias correction": ("--method", "percentile", "--bias-correction"),
+    "downstream ranges": ("--method", "downstream"),
+    "equalization + AdaRound + bias correction": ("--method", "percentile", "--equalize", "--rounding",
+                                                  "adaround", "--bias-correction"),
+}
+
+
+def run_methods(model: Path, images: Path, num: int, work: Path, threads: int) -> dict[str, dict]:
+    """One all-int8 calibration per row of METHOD_RUNS; wall time, head errors and whether a weight fit
+    survived its label-free guard."""
+    out: dict[str, dict] = {}
+    for i, (label, flags) in enumerate(METHOD_RUNS.items()):
+        folder = work / f"method{i}"
+        stats = work / ("stats_eq" if "--equalize" in flags else "stats")
+        run = run_calibration(model, images, num, folder, stats, threads,
+                              ("--int8", "--budget", "none", "--layer-report-images", "0", *flags))
+        summary = json.loads((folder / "summary.json").read_text())
+        fit = folder / "weight_fit.json"
+        out[label] = {
+            "folder": str(folder), "wall_s": run["wall_s"], "peak_rss_mb": run["peak_rss_mb"],
+            "method": flags[1],
+            "qdq_head_error": summary["int8_head_error"]["head_error"],
+            "cpu_head_error": (summary.get("cpu_int8") or {}).get("head_error"),
+            "weight_fit_kept": json.loads(fit.read_text())["kept"] if fit.exists() else None,
+        }
+    return out
 
 
 # ---- 2. models to evaluate ------------------------------------------------------------------------
@@ -294,6 +336,28 @@ def latency(models: dict[str, Path], feed: np.ndarray, input_name: str, threads:
     }
 
 
+def cpu_isa(cpuinfo: str | None = None) -> str:
+    """The integer SIMD the CPU offers ONNX Runtime's int8 kernels: avx2, avx512, vnni, amx (from the
+    /proc/cpuinfo flags; "unknown" where there is none)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return "unknown"
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    found = [name for name, present in (
+        ("avx2", "avx2" in flags),
+        ("avx512", any(f.startswith("avx512") for f in flags)),
+        ("vnni", "avx512_vnni" in flags or "avx_vnni" in flags),
+        ("amx", "amx_int8" in flags),
+    ) if present]
+    return "+".join(found) or "none of avx2/avx512/vnni/amx"
+
+
 # ---- report -------------------------------------------------------------------------------------
 
 
@@ -312,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=100, help="latency rounds per model")
     p.add_argument("--curve", default="0,1,2,4,8,16,32,64,96")
     p.add_argument("--skip-calibration", action="store_true")
+    p.add_argument("--methods-images", type=int, help="images of the methods on/off runs (default: --num-images)")
+    p.add_argument("--skip-methods", action="store_true", help="no methods on/off table")
     args = p.parse_args(argv)
 
     shared = _shared() / "data"
@@ -321,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     stats_cache = work / "stats"
-    results: dict[str, Any] = {"threads": args.threads}
+    results: dict[str, Any] = {"threads": args.threads, "cpu_isa": cpu_isa()}
 
     runs = {n: work / f"calib{n}" for n in (args.small, args.num_images)}
     if not args.skip_calibration:
@@ -346,6 +412,12 @@ def main(argv: list[str] | None = None) -> int:
         (f"int8 CPU artifact ({args.num_images} img)", main_run / "model_int8_cpu.onnx", None),
     ]
     entries += [(label, path, None) for label, path in variants["paths"].items()]
+    if not args.skip_methods:
+        results["methods"] = run_methods(model_path, calib_dir, args.methods_images or args.num_images,
+                                         work / "methods", args.threads)
+        for label, row in results["methods"].items():
+            entries += [(f"method: {label} (Q/DQ)", Path(row["folder"]) / "model_int8_qdq.onnx", None),
+                        (f"method: {label} (CPU)", Path(row["folder"]) / "model_int8_cpu.onnx", None)]
     results["accuracy"] = evaluate(entries, shared / "coco", args.threads)
 
     import cv2
@@ -359,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         "int8 CPU artifact": main_run / "model_int8_cpu.onnx",
     }
     timed.update({label: path for label, path in variants["paths"].items() if label.startswith("CPU")})
+    for label, row in results.get("methods", {}).items():
+        timed[f"method: {label} (CPU)"] = Path(row["folder"]) / "model_int8_cpu.onnx"
     results["latency"] = latency(timed, feed, spec.graph.input.name, args.threads, args.rounds)
     (work / "bench_results.json").write_text(json.dumps(results, indent=2, default=str))
     print(report(results, args, curve))
@@ -381,8 +455,8 @@ def report(results: dict[str, Any], args: argparse.Namespace, curve: list[int]) 
                 "wall s",
                 "peak RSS MB",
                 "statistics s",
-                "sensitivity s",
-                "mixed search s",
+                "weight fitting s",
+                "sensitivity + mixed precision s",
                 "int8 artifacts s",
             ],
             [
@@ -391,8 +465,8 @@ def report(results: dict[str, Any], args: argparse.Namespace, curve: list[int]) 
                     c["wall_s"],
                     c["peak_rss_mb"],
                     c["stages_s"].get("statistics_and_ranges"),
-                    c["stages_s"].get("sensitivity"),
-                    c["stages_s"].get("mixed_precision_search"),
+                    c["stages_s"].get("weight_fitting"),
+                    c["stages_s"].get("sensitivity_and_mixed_precision"),
                     c["stages_s"].get("int8_artifacts"),
                 ]
                 for c in results["calibration"]
@@ -412,11 +486,13 @@ def report(results: dict[str, Any], args: argparse.Namespace, curve: list[int]) 
         for label, r in acc.items()
     ]
     out.append(_table(["model", "AP", "ΔAP", "AP50", "head error (label-free)"], rows))
-    out += ["", f"## CPU latency (ONNX Runtime, {results['threads']} thread(s), batch 1, inference only)", ""]
+    isa = results.get("cpu_isa", "unknown")
+    out += ["", f"## CPU latency (ONNX Runtime, {results['threads']} thread(s), batch 1, inference only; "
+                f"CPU integer ISA: {isa})", ""]
     out.append(
         _table(
-            ["model", "median ms", "min ms", "speed-up vs fp32 (median of paired rounds)"],
-            [[k, v["median_ms"], v["min_ms"], f"{v['speedup']:.2f}x"] for k, v in lat.items()],
+            ["model", "median ms", "min ms", "speed-up vs fp32 (median of paired rounds)", "CPU ISA"],
+            [[k, v["median_ms"], v["min_ms"], f"{v['speedup']:.2f}x", isa] for k, v in lat.items()],
         )
     )
     out += ["", "## TensorRT Q/DQ graph: layers kept float (most sensitive first) vs AP", ""]
@@ -445,6 +521,21 @@ def report(results: dict[str, Any], args: argparse.Namespace, curve: list[int]) 
         if label in acc and label in lat
     ]
     out.append(_table(["CPU model", "head error", "AP", "ΔAP", "median ms", "speed-up"], rows))
+    if results.get("methods"):
+        out += ["", "## Post-training methods on/off (every eligible layer int8; head error label-free on "
+                    "calibration images; AP on dev103 only measures)", ""]
+        rows = []
+        for label, m in results["methods"].items():
+            qdq, cpu = acc.get(f"method: {label} (Q/DQ)"), acc.get(f"method: {label} (CPU)")
+            speed = lat.get(f"method: {label} (CPU)")
+            rows.append([
+                label, _fmt(m["qdq_head_error"]), qdq and qdq["AP"], qdq and f"{qdq['AP'] - fp32_ap:+.2f}",
+                _fmt(m["cpu_head_error"]), cpu and cpu["AP"], cpu and f"{cpu['AP'] - fp32_ap:+.2f}",
+                speed and f"{speed['speedup']:.2f}x ({isa})", m["wall_s"],
+                "" if m["weight_fit_kept"] is None else ("kept" if m["weight_fit_kept"] else "dropped by guard"),
+            ])
+        out.append(_table(["methods", "Q/DQ head error", "Q/DQ AP", "ΔAP", "CPU head error", "CPU AP", "ΔAP",
+                           "CPU speed-up", "calibration s", "weight fit"], rows))
     return "\n".join(out)
 
 

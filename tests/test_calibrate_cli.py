@@ -159,7 +159,7 @@ def test_cache_is_byte_identical_across_runs(calibrated, inputs, tmp_path, worke
     out = tmp_path / "again"
     assert _run(model, images, out, "--method", "minmax", "--budget", "0.05", "--workers", workers) == 0
     for name in ("calibration.cache", "summary.json", "model_int8_qdq.onnx", "precision.json",
-                 "sensitivity.json"):
+                 "sensitivity.json", "weight_fit.json", "model_int8_cpu.onnx"):
         assert (out / name).read_bytes() == (calibrated / name).read_bytes(), name
 
 
@@ -235,6 +235,64 @@ def test_exported_official_architecture(tmp_path, inputs):
     for name in ("model_int8_qdq.onnx", "model_fp16.onnx"):
         spec = ModelSpec.from_onnx(onnx.load(str(out / name)))
         assert spec.graph == original.graph and spec.preprocess == original.preprocess
+
+
+def test_default_knee_rule_and_no_sensitivity_without_mixed_precision(inputs, tmp_path):
+    _, model, images = inputs
+    out = tmp_path / "knee"
+    assert _run(model, images, out, "--method", "minmax", "--int8") == 0
+    fits = json.loads((out / "weight_fit.json").read_text())
+    precision = json.loads((out / "precision.json").read_text())
+    # the Q/DQ model's fit is made for its own int8 layers, the all-int8 CPU model gets its own fit
+    assert fits["qdq"]["int8_layers"] + len(precision["float_layers"]) == fits["cpu"]["int8_layers"]
+    assert fits["qdq"]["int8_layers"] == len(precision["int8_layers"])
+    assert precision["search"]["rule"] == "knee" and precision["meta"]["rule"] == "knee"
+    assert FRAGILE in precision["float_layers"]
+    convs = sum(1 for e in precision["nodes"].values()
+                if e["op"] == "Conv" and e["reason"] in ("eligible", "kept float by mixed precision"))
+    assert 1 <= len(precision["float_layers"]) <= max(1, int(0.1 * convs))
+    assert (out / "sensitivity.json").exists()
+    # --budget none: every eligible layer int8, the ranking is neither computed nor left from the last run
+    assert _run(model, images, out, "--method", "minmax", "--int8", "--budget", "none", "--force") == 0
+    precision = json.loads((out / "precision.json").read_text())
+    assert precision["float_layers"] == [] and precision["search"]["rule"] == "none"
+    assert not (out / "sensitivity.json").exists() and not (out / "sensitivity.md").exists()
+
+
+def test_weight_fitting_from_the_cli_is_guarded_and_reported(inputs, tmp_path):
+    _, model, images = inputs
+    out = tmp_path / "fit"
+    assert _run(model, images, out, "--method", "minmax", "--int8", "--budget", "none", "--rounding", "adaround",
+                "--bias-correction", "--fit-images", "2", "--layer-report-images", "0") == 0
+    doc = json.loads((out / "weight_fit.json").read_text())
+    assert doc["cpu"] == "same as qdq"  # every eligible layer int8 in both: one fit serves both
+    report = doc["qdq"]
+    assert report["options"]["rounding"] == "adaround" and report["options"]["bias_correction"] is True
+    assert report["images"] == 2 and report["layers"]
+    before, after = report["head_error"]["before"], report["head_error"]["after"]
+    assert report["kept"] == (after < before)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["int8_head_error"]["head_error"] == pytest.approx(min(before, after), abs=1e-6)
+    # nearest rounding without bias correction: no fit and no stale report
+    assert _run(model, images, out, "--method", "minmax", "--int8", "--budget", "none", "--force",
+                "--rounding", "nearest", "--no-bias-correction", "--layer-report-images", "0") == 0
+    assert not (out / "weight_fit.json").exists()
+
+
+def test_equalize_from_the_cli(inputs, tmp_path):
+    _, model, images = inputs
+    out = tmp_path / "eq"
+    assert _run(model, images, out, "--method", "minmax", "--int8", "--budget", "none", "--equalize",
+                "--layer-report-images", "0") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method_options"].get("equalize") is True
+    assert not list(out.glob("*.tmp"))
+    # a cache made without equalization is stale for a run with it
+    plain = tmp_path / "plain"
+    assert _run(model, images, plain, "--method", "minmax", "--int8", "--budget", "none",
+                "--layer-report-images", "0") == 0
+    assert _run(model, images, plain, "--method", "minmax", "--int8", "--budget", "none", "--equalize",
+                "--layer-report-images", "0") == 3
 
 
 def test_cpu_model_can_keep_the_mixed_float_layers(inputs, tmp_path):

@@ -9,7 +9,14 @@ import pytest
 from quant_synthetic import FRAGILE, build_synthetic_model, feeds, synthetic_spec, tensor_values, write_images
 
 from centernet_edge.quantize.head_error import HeadProbe, detection_agreement, peak_indices
-from centernet_edge.quantize.mixed import precision_table, search_mixed_precision, write_precision
+from centernet_edge.quantize.mixed import (
+    default_max_float,
+    knee_point,
+    precision_table,
+    search_knee,
+    search_mixed_precision,
+    write_precision,
+)
 from centernet_edge.quantize.placement import plan_placement
 from centernet_edge.quantize.sensitivity import layer_sensitivity, write_sensitivity
 from centernet_edge.runtime.detections import Detections
@@ -68,6 +75,41 @@ def test_mixed_precision_keeps_the_fragile_layer_float(setup, tmp_path):
     assert FRAGILE in doc["float_layers"] and FRAGILE not in doc["int8_layers"]
     capped = search_mixed_precision(model, placement, amax, ranking, probe, budget=0.0, max_float=0)
     assert not capped.met_budget and capped.float_layers == []
+
+
+def test_knee_point_keeps_most_of_the_reachable_reduction():
+    # 0.57 -> best 0.25: 90% of the reduction is reached at error <= 0.282
+    assert knee_point([0.57, 0.39, 0.37, 0.33, 0.29, 0.28, 0.26, 0.25]) == 5
+    assert knee_point([0.5, 0.1, 0.09, 0.09]) == 1  # error in one layer: one float layer
+    assert knee_point([0.5, 0.1, 0.09, 0.09], tolerance=0.0) == 2
+    assert knee_point([0.2, 0.3, 0.4]) == 0  # float layers that do not help are not kept
+    assert knee_point([0.3]) == 0
+    with pytest.raises(ValueError, match="tolerance"):
+        knee_point([0.3, 0.2], tolerance=2)
+
+
+def test_knee_rule_floats_the_fragile_layer_within_the_cap(setup):
+    model, placement, amax, probe = setup
+    ranking = layer_sensitivity(model, placement.layers, amax, probe.subset(2), progress=False)
+    assert ranking[0].layer == FRAGILE  # two images are enough to rank the fragile layer first
+    cap = default_max_float(placement)
+    convs = sum(layer.op_type == "Conv" for layer in placement.layers)
+    assert cap == max(1, int(0.1 * convs))
+    result = search_knee(model, placement, amax, ranking, probe, max_float=3)
+    assert result.rule == "knee" and [k for k, _ in result.curve] == [0, 1, 2, 3]
+    assert result.float_layers[:1] == [FRAGILE] and len(result.float_layers) <= 3
+    errors = [e.head_error for _, e in result.curve]
+    assert result.error.head_error == errors[len(result.float_layers)]
+    assert len(result.float_layers) == knee_point(errors)
+    assert result.error.head_error < 0.5 * errors[0]
+    assert result.to_dict()["budget"] is None and result.to_dict()["rule"] == "knee"
+
+
+def test_probe_subset_shares_the_reference(setup):
+    model, _, _, probe = setup
+    part = probe.subset(2)
+    assert part.images == 2 and part.measure(model).head_error == 0
+    assert probe.subset(100).images == probe.images
 
 
 def test_detection_agreement_weights_scores_and_classes():
