@@ -15,7 +15,7 @@ judges a candidate by how far its outputs drift from fp32:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -31,7 +31,7 @@ from centernet_edge.runtime.spec import ModelSpec
 
 from .parallel import map_ordered
 
-__all__ = ["HeadError", "HeadProbe", "detection_agreement", "peak_indices"]
+__all__ = ["HeadError", "HeadProbe", "detection_agreement", "peak_indices", "significantly_lower"]
 
 R = TypeVar("R")
 
@@ -47,9 +47,26 @@ class HeadError:
     heatmap_mse: float | None
     heatmap_max_abs: float | None
     images: int
+    # 1 - detection agreement of each probe image, in probe order (for paired comparisons; not reported).
+    per_image: tuple[float, ...] = field(default=(), repr=False, compare=False)
 
     def to_dict(self) -> dict[str, float | int | None]:
-        return asdict(self)
+        data = asdict(self)
+        data.pop("per_image")
+        return data
+
+
+def significantly_lower(after: HeadError, before: HeadError, z: float = 2.0) -> bool:
+    """Whether ``after`` has a lower head error than ``before`` beyond the probe's sampling noise.
+
+    The two were measured on the same probe images, so the per-image differences are paired: the mean
+    improvement must exceed ``z`` standard errors of those differences (one-sided, about 98 % for z = 2).
+    A change within that noise is no evidence either way, and the simpler model is kept."""
+    if len(after.per_image) != len(before.per_image) or len(after.per_image) < 2:
+        raise ValueError("paired head errors need the same probe images (two or more)")
+    diff = np.asarray(before.per_image, np.float64) - np.asarray(after.per_image, np.float64)
+    spread = float(diff.std(ddof=1)) / np.sqrt(diff.size)
+    return bool(diff.mean() > z * spread)
 
 
 def _clear_top_peaks(heat: np.ndarray, mask: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -221,6 +238,7 @@ class HeadProbe:
             heatmap_mse=float(np.mean(mse)) if mse else None,
             heatmap_max_abs=float(np.max(maxabs)) if maxabs else None,
             images=len(agree),
+            per_image=tuple(1.0 - a for a in agree),
         )
 
 

@@ -31,7 +31,7 @@ from centernet_edge.runtime.spec import ModelSpec, load_spec
 from .artifacts import derived_spec, save_model, sidecar_path
 from .equalize import equalize
 from .fp16 import convert_fp16
-from .head_error import HeadProbe
+from .head_error import HeadError, HeadProbe, significantly_lower
 from .layer_error import compare_tensors, write_layer_errors
 from .manifest import ARTIFACTS, INT8_ARTIFACTS, calibration_summary, check_reusable, read_summary, write_summary
 from .mixed import DEFAULT_BUDGET, MixedResult, search_knee, search_mixed_precision, write_precision
@@ -371,16 +371,16 @@ def _int8_artifacts(model: onnx.ModelProto, spec: ModelSpec, placement: Placemen
     clock.lap("sensitivity_and_mixed_precision")
     paths["weight_fit"].unlink(missing_ok=True)
     int8_layers = placement.select(mixed.float_layers)
-    fitted, qdq_fit = _fit_weights(model, spec, int8_layers, amax, probe, calib, options,
-                                   mixed.error.head_error, "TensorRT Q/DQ model")
+    fitted, qdq_fit, fitted_error = _fit_weights(model, spec, int8_layers, amax, probe, calib, options,
+                                                 mixed.error, "TensorRT Q/DQ model")
     if qdq_fit is not None and qdq_fit["kept"]:
-        mixed.error = probe.measure(build_qdq_model(fitted, int8_layers, amax))
+        mixed.error = fitted_error
     cpu_float = mixed.float_layers if options.cpu_float == "mixed" else []
     cpu_source, cpu_fit = fitted, qdq_fit
     if qdq_fit is not None and cpu_float != mixed.float_layers:  # the CPU model's own int8 layers
-        baseline = mixed.curve[0][1].head_error if mixed.curve and mixed.curve[0][0] == 0 else \
-            probe.measure(build_qdq_model(model, placement.layers, amax)).head_error
-        cpu_source, cpu_fit = _fit_weights(model, spec, placement.select(cpu_float), amax, probe, calib,
+        baseline = mixed.curve[0][1] if mixed.curve and mixed.curve[0][0] == 0 else \
+            probe.measure(build_qdq_model(model, placement.layers, amax))
+        cpu_source, cpu_fit, _ = _fit_weights(model, spec, placement.select(cpu_float), amax, probe, calib,
                                            options, baseline, "CPU model")
     if qdq_fit is not None:
         doc = {"qdq": qdq_fit, "cpu": cpu_fit if cpu_fit is not qdq_fit else "same as qdq"}
@@ -407,18 +407,20 @@ def _int8_artifacts(model: onnx.ModelProto, spec: ModelSpec, placement: Placemen
 
 
 def _fit_weights(model: onnx.ModelProto, spec: ModelSpec, layers: list[QuantLayer], amax: dict[str, float],
-                 probe: HeadProbe, calib: CalibrationSet, options: CalibrateOptions, baseline: float,
-                 label: str) -> tuple[onnx.ModelProto, dict[str, Any] | None]:
+                 probe: HeadProbe, calib: CalibrationSet, options: CalibrateOptions, baseline: HeadError,
+                 label: str) -> tuple[onnx.ModelProto, dict[str, Any] | None, HeadError]:
     """The model whose weights an int8 artifact quantizes: ``model`` itself, or with AdaRound levels
     and/or corrected biases (quantize/sequential.py) fitted for exactly the int8 ``layers`` of that
     artifact (fitted weights compensate the error of the quantized layers upstream; with a different set
     of float layers they would compensate the wrong error). The fit replays ``fit_images`` calibration
     images taken after the probe images, and is kept only when it lowers that configuration's head error
-    on the probe images below ``baseline`` (a label-free guard: a per-layer objective need not help the
-    heads). Returns the model and the report entry (None when no fit was asked for)."""
+    on the probe images below ``baseline`` by more than the probe's sampling noise
+    (:func:`significantly_lower`, paired over the probe images): a per-layer objective need not help the
+    heads, and an improvement within the noise is no evidence that it does. Returns the model, the
+    report entry (None when no fit was asked for) and the head error of the returned model."""
     fit = FitOptions(rounding=options.rounding, bias_correction=options.bias_correction, seed=options.seed)
     if not fit.active():
-        return model, None
+        return model, None, baseline
     # Images after the probe's, so the guard judges the fit on images it was not fitted on (when the
     # calibration set has that many).
     batches = [x for x, _ in _probe_batches(calib, spec, probe.images + options.fit_images)]
@@ -426,13 +428,14 @@ def _fit_weights(model: onnx.ModelProto, spec: ModelSpec, layers: list[QuantLaye
     _say(options, f"fitting int8 weights for the {label} ({options.rounding} rounding, bias correction "
                   f"{'on' if options.bias_correction else 'off'}) on {sum(b.shape[0] for b in batches)} image(s)")
     fitted, report = fit_layers(model, layers, amax, batches, spec.graph.input.name, fit, threads=options.threads)
-    after = probe.measure(build_qdq_model(fitted, layers, amax)).head_error
-    kept = after < baseline
-    _say(options, f"weight fitting ({label}): head error {baseline:.4f} -> {after:.4f}; "
-                  f"{'kept' if kept else 'dropped (does not help the heads)'}")
-    doc = {"head_error": {"before": round(baseline, 6), "after": round(after, 6)}, "kept": kept,
+    after = probe.measure(build_qdq_model(fitted, layers, amax))
+    kept = significantly_lower(after, baseline)
+    _say(options, f"weight fitting ({label}): head error {baseline.head_error:.4f} -> {after.head_error:.4f}; "
+                  f"{'kept' if kept else 'dropped (no improvement beyond the probe noise)'}")
+    doc = {"head_error": {"before": round(baseline.head_error, 6), "after": round(after.head_error, 6)},
+           "kept": kept, "guard": "paired over the probe images: mean improvement > 2 standard errors",
            "int8_layers": len(layers), **report.to_dict()}
-    return (fitted if kept else model), doc
+    return (fitted, doc, after) if kept else (model, doc, baseline)
 
 
 def _mixed_rule(options: CalibrateOptions) -> str:

@@ -270,9 +270,11 @@ def test_weight_fitting_from_the_cli_is_guarded_and_reported(inputs, tmp_path):
     assert report["options"]["rounding"] == "adaround" and report["options"]["bias_correction"] is True
     assert report["images"] == 2 and report["layers"]
     before, after = report["head_error"]["before"], report["head_error"]["after"]
-    assert report["kept"] == (after < before)
+    # Kept only for an improvement beyond the probe's noise (paired per image), so never for a worse fit.
+    assert not report["kept"] or after < before
+    assert "2 standard errors" in report["guard"]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["int8_head_error"]["head_error"] == pytest.approx(min(before, after), abs=1e-6)
+    assert summary["int8_head_error"]["head_error"] == pytest.approx(after if report["kept"] else before, abs=1e-6)
     # nearest rounding without bias correction: no fit and no stale report
     assert _run(model, images, out, "--method", "minmax", "--int8", "--budget", "none", "--force",
                 "--rounding", "nearest", "--no-bias-correction", "--layer-report-images", "0") == 0

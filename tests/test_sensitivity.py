@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from quant_synthetic import FRAGILE, build_synthetic_model, feeds, synthetic_spec, tensor_values, write_images
 
-from centernet_edge.quantize.head_error import HeadProbe, detection_agreement, peak_indices
+from centernet_edge.quantize.head_error import (
+    HeadError,
+    HeadProbe,
+    detection_agreement,
+    peak_indices,
+    significantly_lower,
+)
 from centernet_edge.quantize.mixed import (
     default_max_float,
     knee_point,
@@ -174,3 +180,26 @@ def test_worker_count_does_not_change_the_measurements(setup):
     two = layer_sensitivity(model, layers, amax, probe, progress=False, workers=2)
     assert [r.to_dict() for r in one] == [r.to_dict() for r in two]
     assert probe.measure(model, workers=3) == probe.measure(model, workers=1)
+
+
+def _head_error(per_image: list[float]) -> HeadError:
+    mean = float(np.mean(per_image))
+    return HeadError(mean, 1.0 - mean, None, None, None, None, len(per_image), tuple(per_image))
+
+
+def test_fitted_weights_need_an_improvement_beyond_the_probe_noise() -> None:
+    rng = np.random.default_rng(0)
+    before = rng.uniform(0.2, 0.8, 32)
+    # The same images, each a little better: a consistent paired improvement, kept.
+    assert significantly_lower(_head_error(list(before - 0.02)), _head_error(list(before)))
+    # A lower mean that comes from a few images while the rest scatter: within the noise, dropped.
+    scatter = before + rng.normal(0.0, 0.05, 32)
+    scatter[:2] -= 0.3
+    after = _head_error(list(scatter))
+    assert after.head_error < _head_error(list(before)).head_error
+    assert not significantly_lower(after, _head_error(list(before)))
+    # Worse is never kept; unpaired measurements are refused.
+    assert not significantly_lower(_head_error(list(before + 0.02)), _head_error(list(before)))
+    with pytest.raises(ValueError, match="same probe images"):
+        significantly_lower(_head_error([0.1, 0.2]), _head_error([0.1, 0.2, 0.3]))
+    assert "per_image" not in _head_error([0.1, 0.2]).to_dict()
