@@ -47,7 +47,18 @@ from .tensors import calibration_tensors
 from .thresholds import METHODS, compute_amaxes
 from .trt_cache import DEFAULT_TRT_VERSION, cache_header_note, render_cache, trt_version_int, write_cache
 
-__all__ = ["CalibrateOptions", "CalibrateResult", "calibrate"]
+__all__ = [
+    "CalibrateOptions",
+    "CalibrateResult",
+    "CalibrationRun",
+    "Ranges",
+    "calibrate",
+    "compute_ranges",
+    "fp16_artifact",
+    "int8_artifacts",
+    "prepare_run",
+    "write_run_summary",
+]
 
 log = logging.getLogger("centernet_edge.quantize")
 
@@ -229,16 +240,67 @@ def calibrate(options: CalibrateOptions) -> CalibrateResult:
     return result
 
 
-def _calibrate_into(options: CalibrateOptions, model_path: Path, spec: ModelSpec, out: Path, stage: Path
-                    ) -> CalibrateResult:
-    foreign = options.model_spec is not None
-    final = {key: out / name for key, name in ARTIFACTS.items()}  # an earlier run's, read for reuse
-    paths = {key: stage / name for key, name in ARTIFACTS.items()}  # this run's, moved into place at the end
-    trt_version = trt_version_int(options.trt_version)
+@dataclass
+class CalibrationRun:
+    """What every stage of one calibration shares, decided before any statistics are collected.
 
+    Built by :func:`prepare_run`; a benchmark or a notebook can run the stages one at a time on it:
+    ``ranges = compute_ranges(run)``, ``int8_artifacts(run, ranges)``, ``fp16_artifact(run)``,
+    ``write_run_summary(run, ranges, result)``."""
+
+    options: CalibrateOptions
+    model_path: Path
+    spec: ModelSpec
+    out: Path  # the final folder (an earlier run's files there are read for reuse)
+    paths: dict[str, Path]  # this run's files, in the staging folder moved into place at the end
+    source: onnx.ModelProto  # the model as given, node names made unique
+    model: onnx.ModelProto  # the model quantized: ``source``, or equalized with --equalize
+    model_sha256: str
+    placement: Placement
+    calib: CalibrationSet
+    trt_version: int
+    clock: _Clock
+    probe: HeadProbe | None = None
+
+    @property
+    def foreign(self) -> bool:
+        """A described foreign model: derived artifacts get side-car descriptions."""
+        return self.options.model_spec is not None
+
+    @property
+    def final(self) -> dict[str, Path]:
+        return {key: self.out / name for key, name in ARTIFACTS.items()}
+
+    def head_probe(self) -> HeadProbe:
+        """The label-free head-error probe (fp32 reference on calibration images), built on first use."""
+        if self.probe is None:
+            self.probe = _make_probe(self.model, self.spec, self.calib, self.options)
+        return self.probe
+
+
+@dataclass
+class Ranges:
+    """The statistics stage's result: per-tensor int8 ranges and where they came from."""
+
+    method: str  # the method that made ``amax`` (``auto`` resolved)
+    amax: dict[str, float]
+    observed: dict[str, tuple[float, float]]  # min/max seen per tensor (the CPU model's asymmetric ranges)
+    reads: dict[str, Any]  # the image reader's report (skipped files and why)
+    method_errors: dict[str, float] = field(default_factory=dict)  # ``auto``: all-int8 head error per method
+    reused: bool = False  # taken from an earlier run's summary
+    stats: CalibrationStats | None = None  # None when reused
+
+    def provenance(self, run: CalibrationRun) -> dict[str, Any]:
+        """What every derived artifact's spec records about its calibration."""
+        return {"calibration_method": self.method, "calibration_images": len(run.calib),
+                "calibration_dataset_hash": run.calib.dataset_hash, "source_model_sha256": run.model_sha256}
+
+
+def prepare_run(options: CalibrateOptions, model_path: Path, spec: ModelSpec, out: Path, stage: Path
+                ) -> CalibrationRun:
+    """Load and name the model, equalize it when asked, plan the int8 placement, choose the images."""
     clock = _Clock()
     source = model = ensure_node_names(onnx.load(str(model_path)))
-    model_sha = file_sha256(model_path)
     if options.equalize:
         model, pairs = equalize(model)
         _say(options, f"cross-layer equalization: {len(pairs)} conv pair(s) rescaled")
@@ -246,99 +308,114 @@ def _calibrate_into(options: CalibrateOptions, model_path: Path, spec: ModelSpec
     calib = load_calibration_set(options.images, images_dir=options.images_dir,
                                  num_images=options.num_images, seed=options.seed)
     _say(options, f"{len(placement.layers)} int8-eligible layers; calibrating on {len(calib)} image(s)")
+    paths = {key: stage / name for key, name in ARTIFACTS.items()}
+    return CalibrationRun(options, model_path, spec, out, paths, source, model, file_sha256(model_path),
+                          placement, calib, trt_version_int(options.trt_version), clock)
 
-    reused = check_reusable(final["cache"], model_sha256=model_sha, dataset_hash=calib.dataset_hash,
+
+def compute_ranges(run: CalibrationRun) -> Ranges:
+    """Streaming statistics -> per-tensor ranges by the chosen method (or an earlier identical run's),
+    and the TensorRT cache written from them."""
+    options, model, spec = run.options, run.model, run.spec
+    reused = check_reusable(run.final["cache"], model_sha256=run.model_sha256, dataset_hash=run.calib.dataset_hash,
                             method=options.method, method_options=_method_options(options, options.method),
-                            summary_path=final["summary"], force=options.force)
-    stats: CalibrationStats | None = None
-    method_errors: dict[str, float] = {}
-    probe: HeadProbe | None = None
+                            summary_path=run.final["summary"], force=options.force)
     if reused:
-        recorded = read_summary(final["summary"])
-        amax = {k: float(v) for k, v in recorded["amax"].items()}
-        method = str(recorded.get("selected_method", options.method))
-        observed = {k: tuple(v) for k, v in recorded.get("observed_range", {}).items()}
-        reads = dict(recorded.get("image_reads") or {})
-        _say(options, f"reusing calibration in {out} (same model, images and method)")
+        recorded = read_summary(run.final["summary"])
+        ranges = Ranges(str(recorded.get("selected_method", options.method)),
+                        {k: float(v) for k, v in recorded["amax"].items()},
+                        {k: tuple(v) for k, v in recorded.get("observed_range", {}).items()},
+                        dict(recorded.get("image_reads") or {}), reused=True)
+        _say(options, f"reusing calibration in {run.out} (same model, images and method)")
     else:
-        tensors = list(dict.fromkeys(calibration_tensors(model, spec) + placement.activation_tensors()))
-        stats_path = model_path
+        tensors = list(dict.fromkeys(calibration_tensors(model, spec) + run.placement.activation_tensors()))
+        stats_path = run.model_path
         if options.equalize:  # the statistics must be those of the equalized model
-            stats_path = stage / ".equalized.onnx.tmp"
+            stats_path = run.paths["summary"].parent / ".equalized.onnx.tmp"
             onnx.save(model, str(stats_path))
         try:
-            stats = collect_calibration_stats(stats_path, spec, calib, tensors=tensors,
+            stats = collect_calibration_stats(stats_path, spec, run.calib, tensors=tensors,
                                               batch_size=options.batch_size, cache_dir=options.stats_cache,
                                               progress=options.progress, intra_op_num_threads=options.threads,
                                               workers=_workers(options), strict=options.strict)
         finally:
-            if stats_path != model_path:
+            if stats_path != run.model_path:
                 stats_path.unlink(missing_ok=True)
-        reads = dict(stats.meta.get("read_report") or {})
-        observed = {n: (s.min, s.max) for n, s in stats.tensors.items()}
-        method = options.method
+        method, method_errors = options.method, {}
         if method == "auto":
-            probe = _make_probe(model, spec, calib, options)
-            method, method_errors = _choose_method(model, placement, stats, probe, options)
+            method, method_errors = _choose_method(model, run.placement, stats, run.head_probe(), options)
             _say(options, f"auto method: {method}")
         if method == DOWNSTREAM:
-            amax = _downstream_amaxes(model, spec, placement, stats, calib, options)
+            amax = _downstream_amaxes(model, spec, run.placement, stats, run.calib, options)
         else:
             amax = _amaxes(stats, method, options)
+        ranges = Ranges(method, amax, {n: (s.min, s.max) for n, s in stats.tensors.items()},
+                        dict(stats.meta.get("read_report") or {}), method_errors, stats=stats)
+    reads = ranges.reads
     if options.strict and reads.get("skipped"):
         first = sorted((reads.get("skip_reasons") or {}).items())[:1]
         named = f": {first[0][0]} ({first[0][1]})" if first else ""
         raise UnreadableImageError(f"{reads['skipped']} calibration image(s) could not be read{named} (--strict)")
     # Rewritten even when reused: equal ranges give equal bytes, and --trt-version may have changed.
-    write_cache(paths["cache"], amax, method=method, trt_version=trt_version)
-    clock.lap("statistics_and_ranges")
+    write_cache(run.paths["cache"], ranges.amax, method=ranges.method, trt_version=run.trt_version)
+    run.clock.lap("statistics_and_ranges")
+    return ranges
 
-    result = CalibrateResult(out, method, amax, {"cache": paths["cache"]}, None, method_errors, reused)
-    result.header_note = cache_header_note(method, trt_version)
-    provenance = {"calibration_method": method, "calibration_images": len(calib),
-                  "calibration_dataset_hash": calib.dataset_hash, "source_model_sha256": model_sha}
 
-    if options.int8:
-        probe = probe or _make_probe(model, spec, calib, options)
-        mixed, cpu_info = _int8_artifacts(model, spec, placement, amax, observed, probe, options, paths,
-                                          provenance, foreign, method, clock, calib)
-        result.mixed = mixed
-        result.cpu_int8 = cpu_info
-        for key in INT8_ARTIFACTS:
-            if paths[key].exists():
-                result.artifacts[key] = paths[key]
-    if options.fp16:
-        _say(options, "writing fp16 model")
-        fp16 = convert_fp16(source, placement.regions)
-        save_model(fp16, paths["fp16"], derived_spec(spec, "fp16", provenance), sidecar=foreign)
-        result.artifacts["fp16"] = paths["fp16"]
-        clock.lap("fp16")
+def fp16_artifact(run: CalibrationRun, ranges: Ranges) -> Path:
+    """model_fp16.onnx from the model as given (fp16 needs no equalization)."""
+    _say(run.options, "writing fp16 model")
+    fp16 = convert_fp16(run.source, run.placement.regions)
+    path = run.paths["fp16"]
+    save_model(fp16, path, derived_spec(run.spec, "fp16", ranges.provenance(run)), sidecar=run.foreign)
+    run.clock.lap("fp16")
+    return path
 
+
+def write_run_summary(run: CalibrationRun, ranges: Ranges, result: CalibrateResult) -> None:
+    """summary.json (the run's manifest, no wall times: equal inputs give equal bytes) and timings.json."""
+    options, paths = run.options, run.paths
     extra = {
-        "selected_method": method,
+        "selected_method": ranges.method,
         "cache_header_note": result.header_note,
-        "method_head_errors": method_errors,
-        "calibration_set": calib.summary(),
-        "image_reads": reads,
-        "model_spec_name": spec.name,
-        "observed_range": {k: [float(v[0]), float(v[1])] for k, v in sorted(observed.items())},
+        "method_head_errors": ranges.method_errors,
+        "calibration_set": run.calib.summary(),
+        "image_reads": ranges.reads,
+        "model_spec_name": run.spec.name,
+        "observed_range": {k: [float(v[0]), float(v[1])] for k, v in sorted(ranges.observed.items())},
         "float_layers": list(result.mixed.float_layers) if result.mixed else [],
         "int8_head_error": result.mixed.error.to_dict() if result.mixed else None,
         "cpu_int8": result.cpu_int8,
         "artifacts": {key: p.name for key, p in sorted(result.artifacts.items())},
     }
     summary = calibration_summary(
-        model_sha256=model_sha, dataset_hash=calib.dataset_hash, method=options.method, amaxes=amax,
-        method_options=_method_options(options, options.method), num_images=len(calib),
-        trt_header=render_cache({}, method=method, trt_version=trt_version).strip(), extra=extra,
+        model_sha256=run.model_sha256, dataset_hash=run.calib.dataset_hash, method=options.method,
+        amaxes=ranges.amax, method_options=_method_options(options, options.method), num_images=len(run.calib),
+        trt_header=render_cache({}, method=ranges.method, trt_version=run.trt_version).strip(), extra=extra,
     )
     write_summary(paths["summary"], summary)
     result.artifacts["summary"] = paths["summary"]
-    result.timings = clock.laps
-    # Wall times live apart from summary.json so that equal inputs still give byte-identical summaries.
-    timing_doc = {"seconds": clock.laps, "images": len(calib)}
+    result.timings = run.clock.laps
+    timing_doc = {"seconds": run.clock.laps, "images": len(run.calib)}
     atomic_write_text(paths["timings"], json.dumps(timing_doc, indent=2) + "\n")
     result.artifacts["timings"] = paths["timings"]
+
+
+def _calibrate_into(options: CalibrateOptions, model_path: Path, spec: ModelSpec, out: Path, stage: Path
+                    ) -> CalibrateResult:
+    run = prepare_run(options, model_path, spec, out, stage)
+    ranges = compute_ranges(run)
+    result = CalibrateResult(out, ranges.method, ranges.amax, {"cache": run.paths["cache"]}, None,
+                             ranges.method_errors, ranges.reused)
+    result.header_note = cache_header_note(ranges.method, run.trt_version)
+    if options.int8:
+        result.mixed, result.cpu_int8 = int8_artifacts(run, ranges)
+        for key in INT8_ARTIFACTS:
+            if run.paths[key].exists():
+                result.artifacts[key] = run.paths[key]
+    if options.fp16:
+        result.artifacts["fp16"] = fp16_artifact(run, ranges)
+    write_run_summary(run, ranges, result)
     return result
 
 
@@ -363,16 +440,16 @@ def _make_probe(model: onnx.ModelProto, spec: ModelSpec, calib: CalibrationSet, 
     return probe
 
 
-def _int8_artifacts(model: onnx.ModelProto, spec: ModelSpec, placement: Placement, amax: dict[str, float],
-                    observed: dict[str, tuple[float, float]], probe: HeadProbe, options: CalibrateOptions,
-                    paths: dict[str, Path], provenance: dict[str, Any], foreign: bool, method: str,
-                    clock: _Clock, calib: CalibrationSet) -> tuple[MixedResult, dict[str, Any] | None]:
+def int8_artifacts(run: CalibrationRun, ranges: Ranges) -> tuple[MixedResult, dict[str, Any] | None]:
+    """Mixed precision, weight fitting and the int8 models: model_int8_qdq.onnx (TensorRT) and
+    model_int8_cpu.onnx (ONNX Runtime CPU), with precision.json, weight_fit.json and layer_error.*."""
+    options, spec, placement, paths, clock = run.options, run.spec, run.placement, run.paths, run.clock
+    model, amax, method, probe = run.model, ranges.amax, ranges.method, run.head_probe()
     mixed = _mixed_precision(model, placement, amax, probe, options, paths, method)
     clock.lap("sensitivity_and_mixed_precision")
     paths["weight_fit"].unlink(missing_ok=True)
     int8_layers = placement.select(mixed.float_layers)
-    fitted, qdq_fit, fitted_error = _fit_weights(model, spec, int8_layers, amax, probe, calib, options,
-                                                 mixed.error, "TensorRT Q/DQ model")
+    fitted, qdq_fit, fitted_error = _fit_weights(run, ranges, int8_layers, mixed.error, "TensorRT Q/DQ model")
     if qdq_fit is not None and qdq_fit["kept"]:
         mixed.error = fitted_error
     cpu_float = mixed.float_layers if options.cpu_float == "mixed" else []
@@ -380,8 +457,7 @@ def _int8_artifacts(model: onnx.ModelProto, spec: ModelSpec, placement: Placemen
     if qdq_fit is not None and cpu_float != mixed.float_layers:  # the CPU model's own int8 layers
         baseline = mixed.curve[0][1] if mixed.curve and mixed.curve[0][0] == 0 else \
             probe.measure(build_qdq_model(model, placement.layers, amax))
-        cpu_source, cpu_fit, _ = _fit_weights(model, spec, placement.select(cpu_float), amax, probe, calib,
-                                           options, baseline, "CPU model")
+        cpu_source, cpu_fit, _ = _fit_weights(run, ranges, placement.select(cpu_float), baseline, "CPU model")
     if qdq_fit is not None:
         doc = {"qdq": qdq_fit, "cpu": cpu_fit if cpu_fit is not qdq_fit else "same as qdq"}
         atomic_write_text(paths["weight_fit"], json.dumps(doc, indent=2) + "\n")
@@ -392,22 +468,20 @@ def _int8_artifacts(model: onnx.ModelProto, spec: ModelSpec, placement: Placemen
             "rule": mixed.rule}
     write_precision(paths["precision"], placement, mixed, ops, meta)
     precision = "int8-mixed" if mixed.float_layers else "int8"
-    extra = {**provenance, "float_layers": len(mixed.float_layers),
+    extra = {**ranges.provenance(run), "float_layers": len(mixed.float_layers),
              "head_error": round(mixed.error.head_error, 6)}
     qdq = build_qdq_model(fitted, int8_layers, amax)
     save_model(qdq, paths["qdq"], derived_spec(spec, precision, {**extra, "int8_format": "qdq-tensorrt"}),
-               sidecar=foreign)
+               sidecar=run.foreign)
     if options.layer_report_images > 0:
         _layer_report(model, cpu_source if not cpu_float else model, spec, placement, amax, probe, options,
                       paths, method)
-    cpu_info = _cpu_artifact(cpu_source, spec, placement, amax, observed, probe, options, paths, provenance,
-                             foreign, cpu_float)
+    cpu_info = _cpu_artifact(run, ranges, cpu_source, cpu_float)
     clock.lap("int8_artifacts")
     return mixed, cpu_info
 
 
-def _fit_weights(model: onnx.ModelProto, spec: ModelSpec, layers: list[QuantLayer], amax: dict[str, float],
-                 probe: HeadProbe, calib: CalibrationSet, options: CalibrateOptions, baseline: HeadError,
+def _fit_weights(run: CalibrationRun, ranges: Ranges, layers: list[QuantLayer], baseline: HeadError,
                  label: str) -> tuple[onnx.ModelProto, dict[str, Any] | None, HeadError]:
     """The model whose weights an int8 artifact quantizes: ``model`` itself, or with AdaRound levels
     and/or corrected biases (quantize/sequential.py) fitted for exactly the int8 ``layers`` of that
@@ -418,12 +492,13 @@ def _fit_weights(model: onnx.ModelProto, spec: ModelSpec, layers: list[QuantLaye
     (:func:`significantly_lower`, paired over the probe images): a per-layer objective need not help the
     heads, and an improvement within the noise is no evidence that it does. Returns the model, the
     report entry (None when no fit was asked for) and the head error of the returned model."""
+    options, spec, model, amax, probe = run.options, run.spec, run.model, ranges.amax, run.head_probe()
     fit = FitOptions(rounding=options.rounding, bias_correction=options.bias_correction, seed=options.seed)
     if not fit.active():
         return model, None, baseline
     # Images after the probe's, so the guard judges the fit on images it was not fitted on (when the
     # calibration set has that many).
-    batches = [x for x, _ in _probe_batches(calib, spec, probe.images + options.fit_images)]
+    batches = [x for x, _ in _probe_batches(run.calib, spec, probe.images + options.fit_images)]
     batches = batches[len(probe.batches):] or batches
     _say(options, f"fitting int8 weights for the {label} ({options.rounding} rounding, bias correction "
                   f"{'on' if options.bias_correction else 'off'}) on {sum(b.shape[0] for b in batches)} image(s)")
@@ -492,31 +567,30 @@ def _layer_report(model: onnx.ModelProto, fitted: onnx.ModelProto, spec: ModelSp
     write_layer_errors(rows, paths["layer_error_json"], paths["layer_error_md"], meta)
 
 
-def _cpu_artifact(model: onnx.ModelProto, spec: ModelSpec, placement: Placement, amax: dict[str, float],
-                  observed: dict[str, tuple[float, float]], probe: HeadProbe, options: CalibrateOptions,
-                  paths: dict[str, Path], provenance: dict[str, Any], foreign: bool, keep_float: list[str]
+def _cpu_artifact(run: CalibrationRun, ranges: Ranges, model: onnx.ModelProto, keep_float: list[str]
                   ) -> dict[str, Any] | None:
     """model_int8_cpu.onnx. By default every eligible op is int8: ONNX Runtime's CPU speed comes only
     from long integer chains, and float islands cost more in Q/DQ transitions than they return (measured
     on mb3: keeping layers float made the CPU model slower than fp32 without recovering its accuracy,
     which is lost in the quantized elementwise ops around them). Its head error is recorded so the
     accuracy cost is visible."""
+    options, spec = run.options, run.spec
     _say(options, "writing ONNX Runtime CPU int8 model")
     try:
         cpu, graph_changes = build_ort_cpu_int8_with_report(
-            model, ort_ranges(amax, observed), keep_float=keep_float,
+            model, ort_ranges(ranges.amax, ranges.observed), keep_float=keep_float,
             config=CpuInt8Config(fmt=options.cpu_format, float_head_outputs=options.cpu_float_heads),
-            regions=placement.regions)
+            regions=run.placement.regions)
     except Exception as exc:  # ONNX Runtime's quantizer rejects some graphs; the TensorRT artifacts stand
         log.warning("ONNX Runtime CPU int8 model not written: %s: %s", type(exc).__name__, exc)
         return None
-    error = probe.measure(cpu).head_error
+    error = run.head_probe().measure(cpu).head_error
     info = {"float_layers": len(keep_float), "format": options.cpu_format,
             "float_head_outputs": options.cpu_float_heads, "head_error": round(error, 6),
             "graph_changes": graph_changes}
     label = "int8-mixed" if keep_float else "int8"
-    extra = {**provenance, **info, "int8_format": f"ort-cpu-u8s8-{options.cpu_format}"}
-    save_model(cpu, paths["cpu"], derived_spec(spec, label, extra), sidecar=foreign)
+    extra = {**ranges.provenance(run), **info, "int8_format": f"ort-cpu-u8s8-{options.cpu_format}"}
+    save_model(cpu, run.paths["cpu"], derived_spec(spec, label, extra), sidecar=run.foreign)
     applied = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(graph_changes.items()) if v) or "none"
     _say(options, f"CPU int8 model: {len(keep_float)} layer(s) float, head error {error:.4f}; graph changes: {applied}")
     return info

@@ -37,21 +37,15 @@ import numpy as np
 import onnx
 import psutil
 
-from centernet_edge.calib_data.sources import load_calibration_set
 from centernet_edge.eval.dataset import load_coco_dataset
 from centernet_edge.eval.evaluate import evaluate_models, resolve_model
 from centernet_edge.quantize.artifacts import derived_spec, save_model
 from centernet_edge.quantize.fp16 import simulate_fp16
-from centernet_edge.quantize.head_error import HeadProbe
 from centernet_edge.quantize.ort_cpu_int8 import CpuInt8Config, build_ort_cpu_int8, ort_ranges
-from centernet_edge.quantize.pipeline import DOWNSTREAM_CANDIDATES
-from centernet_edge.quantize.placement import plan_placement
+from centernet_edge.quantize.pipeline import DOWNSTREAM_CANDIDATES, CalibrateOptions, compute_ranges, prepare_run
 from centernet_edge.quantize.qdq import build_qdq_model
 from centernet_edge.quantize.range_search import search_ranges
-from centernet_edge.quantize.stats import collect_calibration_stats
-from centernet_edge.quantize.tensors import calibration_tensors
 from centernet_edge.quantize.thresholds import METHODS, compute_amaxes
-from centernet_edge.runtime.onnx_graph import ensure_node_names
 from centernet_edge.runtime.onnx_session import create_session
 from centernet_edge.runtime.preprocess import prepare_batch
 from centernet_edge.runtime.runners import RunnerOptions
@@ -206,23 +200,18 @@ def build_variants(
     """Every extra model the tables need, written under ``work/models``; returns paths and notes."""
     models = work / "models"
     models.mkdir(parents=True, exist_ok=True)
-    model = ensure_node_names(onnx.load(str(model_path)))
-    placement = plan_placement(model)
-    calib = load_calibration_set(calib_dir, num_images=num_images, seed=0)
-    tensors = list(dict.fromkeys(calibration_tensors(model, spec) + placement.activation_tensors()))
-    stats = collect_calibration_stats(
-        model_path,
-        spec,
-        calib,
-        tensors=tensors,
-        cache_dir=stats_cache,
-        progress=False,
-        intra_op_num_threads=threads,
-    )
     summary = json.loads((run_dir / "summary.json").read_text())
-    method = summary["selected_method"]
+    # The calibration's own stages, on the statistics the timed run cached (same model, images, method).
+    options = CalibrateOptions(model=model_path, images=calib_dir, out_dir=run_dir, num_images=num_images,
+                               method=summary["selected_method"], stats_cache=stats_cache, force=True,
+                               progress=False, threads=threads)
+    run = prepare_run(options, model_path, spec, models, models)
+    ranges = compute_ranges(run)
+    model, placement, calib, stats = run.model, run.placement, run.calib, ranges.stats
+    assert stats is not None
+    method = ranges.method
     ranking = [r["layer"] for r in json.loads((run_dir / "sensitivity.json").read_text())["ranking"]]
-    observed = {n: (s.min, s.max) for n, s in stats.tensors.items()}
+    observed = ranges.observed
     out: dict[str, Any] = {
         "method": method,
         "float_layers": summary["float_layers"],
@@ -278,10 +267,8 @@ def build_variants(
             model, ranges, keep_float=ranking[:k], config=config, regions=placement.regions
         )
         paths[label] = _save(cpu, models / f"cpu_variant{i}.onnx", spec, "int8-mixed" if k else "int8")
-    # label-free head error of every curve point on the probe images the search used
-    probe_paths = list(calib.paths)[:32]
-    probe = HeadProbe(spec, [prepare_batch([cv2.imread(str(p))], spec) for p in probe_paths], threads=threads)
-    probe.set_reference(model)
+    # label-free head error of every curve point on the probe images the calibration used
+    probe = run.head_probe()
     out["head_error"] = {
         label: probe.measure(str(path)).head_error
         for label, path in paths.items()
