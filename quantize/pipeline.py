@@ -107,7 +107,7 @@ class CalibrateOptions:
     range_images: int = 4  # calibration images replayed by --method downstream
     layer_report_images: int = 2  # images of the per-layer int8-vs-fp32 comparison; 0 = no layer_error.*
     # AdaRound by default: on mb3 it lowered the all-int8 head error on calibration images (0.553 ->
-    # 0.495, 100 images); a fit that does not lower it is dropped (see _fit_weights).
+    # 0.495, 100 images); a fit whose improvement is within the probe's noise is dropped (_fit_weights).
     rounding: str = "adaround"  # or "nearest" (quantize/adaround.py)
     bias_correction: bool = False  # empirical per-channel bias correction (quantize/bias_correction.py)
     fit_images: int = 8  # calibration images the weight fitting replays (after the probe images)
