@@ -223,7 +223,10 @@ def test_exported_official_architecture(tmp_path, inputs):
     args = [str(checkpoint), "-o", str(exported), "--input-size", "64", "--batch", "1", "--no-verify", "-q"]
     assert export_cli.main(args) == 0
     out = tmp_path / "out"
-    assert _run(exported, images, out, "--method", "minmax") == 0
+    # Placement and spec carry-over are the subject here; the knee ranking, weight fitting and layer report
+    # of a whole resdcn_18 are tested on smaller graphs and would triple this test's time.
+    assert _run(exported, images, out, "--method", "minmax", "--budget", "none", "--rounding", "nearest",
+                "--layer-report-images", "0") == 0
     qdq = onnx.load(str(out / "model_int8_qdq.onnx"))
     producer = {o: n for n in qdq.graph.node for o in n.output}
     deform = [n for n in qdq.graph.node if n.op_type == "DeformConv"]
