@@ -6,12 +6,16 @@ import argparse
 import sys
 from pathlib import Path
 
+from centernet_edge.runtime.cli_common import OneLineParser, add_common_flags, run_main
+
 __all__ = ["main"]
+
+PROG = "centernet-bundle"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="centernet-bundle",
+    p = OneLineParser(
+        prog=PROG,
         description="Write a folder an embedded team builds with make or CMake: the network-only ONNX (plus the "
                     "end-to-end and quantized models), manifest.json, the C99 pre/post-processing library with "
                     "this model's spec as C constants, a demo program, and a README with this bundle's parity "
@@ -25,11 +29,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="images for the parity numbers (default: 3 synthetic images)")
     p.add_argument("--parity-images", type=int, default=20, help="how many of --images to use (default 20)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("-q", "--quiet", action="store_true", help="print only the result line")
+    add_common_flags(p, "print only the result line")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     from .generate import BundleError, make_bundle
 
@@ -43,15 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     except BundleError as exc:
         print(f"centernet-bundle: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("centernet-bundle: interrupted; nothing was written", file=sys.stderr)
-        return 130
     parity = result.parity or {}
     summary = parity.get("skipped") or (
         f"{parity['images_with_identical_order_and_classes']}/{parity['image_count']} images identical, "
         f"boxes <= {parity['max_box_diff_px']:.1e} px, scores <= {parity['max_score_diff']:.1e}")
     print(f"wrote {result.path} (parity: {summary}); build it with: make -C {result.path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(PROG, _main, argv, interrupted="interrupted; nothing was written")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import numpy as np
 
 from centernet_edge.runtime.clib import CLibrary, CLibraryError, build_shared_library, config_values, find_compiler
 from centernet_edge.runtime.detections import Detections
-from centernet_edge.runtime.images import list_images, read_bgr
 from centernet_edge.runtime.onnx_session import create_session
 from centernet_edge.runtime.postprocess import finalize
 from centernet_edge.runtime.preprocess import prepare_batch, warp_image
@@ -20,13 +19,14 @@ from centernet_edge.runtime.spec import ModelSpec
 __all__ = ["measure_parity"]
 
 def _images(folder: Path | None, count: int) -> tuple[list[np.ndarray], str]:
-    if folder is None:
-        from centernet_edge.export.verify import synthetic_images
+    from centernet_edge.export.verify import load_images, synthetic_images
 
+    if folder is None:
         return [img for _, img in synthetic_images(3)], "3 synthetic images"
-    images = [img for img in (read_bgr(p) for p in list_images(folder)[:count]) if img is not None]
-    if not images:
-        raise ValueError(f"no readable images in {folder}")
+    try:
+        images = [img for _, img in load_images(folder, count)]
+    except FileNotFoundError as exc:
+        raise ValueError(str(exc)) from None
     return images, f"{len(images)} images from {Path(folder).name}"
 
 

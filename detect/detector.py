@@ -16,11 +16,11 @@ from typing import Any, Union
 
 import numpy as np
 
-from centernet_edge.eval.backends import default_backend, open_runner
+from centernet_edge.eval.backends import default_backend, open_runner, spec_for
 from centernet_edge.runtime.detections import Detections
 from centernet_edge.runtime.images import ReadReport, read_bgr
 from centernet_edge.runtime.runners import Runner, RunnerOptions
-from centernet_edge.runtime.spec import ModelSpec, SpecError, load_spec
+from centernet_edge.runtime.spec import ModelSpec, SpecError
 
 __all__ = ["DEFAULT_SCORE_THRESHOLD", "Detector", "ImageInput", "ImageReadError", "detection_records"]
 
@@ -36,15 +36,11 @@ def _spec_for(model: Path, model_spec: str | os.PathLike[str] | ModelSpec | None
     if isinstance(model_spec, ModelSpec):
         return model_spec.validate()
     if model_spec is None and backend != "ort":
-        return None  # checkpoints and plug-in backends build their own spec
+        return None  # checkpoints and engines: their runners build or check their own spec
     try:
-        return load_spec(model, model_spec)
+        return spec_for(model, backend, model_spec)
     except SpecError as exc:
         raise SpecError(f"{model.name}: {exc}") from None
-    except OSError:
-        raise
-    except Exception as exc:  # protobuf decode errors and the like: not an ONNX file at all
-        raise SpecError(f"cannot read {model.name} as ONNX: {exc}") from exc
 
 
 def detection_records(dets: Detections, spec: ModelSpec) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from centernet_edge.runtime.atomic import atomic_path
+from centernet_edge.runtime.cli_common import OneLineParser, add_common_flags, run_main
 from centernet_edge.runtime.engine_meta import EngineMeta, engine_meta_path, write_engine_meta
 from centernet_edge.runtime.hashing import file_sha256
 from centernet_edge.runtime.spec import ModelSpec, SpecError
@@ -63,7 +64,7 @@ def _non_negative(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG,
         description="Build a TensorRT engine (fp32, fp16 or int8) from an exported CenterNet ONNX or a "
         "centernet-calibrate folder, or print the equivalent trtexec and Polygraphy commands.")
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --print-commands: write a Polygraphy data loader for these images next to the "
                    "engine and compare on them instead of random pixels")
     p.add_argument("-v", "--verbose", action="store_true", help="TensorRT's verbose log")
-    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    add_common_flags(p, "print nothing but errors")
     return p
 
 
@@ -242,19 +243,20 @@ def run(args: argparse.Namespace) -> None:
         _build(args, plan, profile, engine, settings)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         run(args)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
     except (UsageError, SelectionError, ProfileError, SpecError, BuildEnvironmentError, BuildError,
             FileNotFoundError, ValueError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(PROG, _main, argv, interrupted="interrupted")
 
 
 if __name__ == "__main__":  # pragma: no cover

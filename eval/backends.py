@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from centernet_edge.runtime.runners import Runner, RunnerOptions
     from centernet_edge.runtime.spec import ModelSpec
 
-__all__ = ["BACKENDS", "default_backend", "open_runner", "spec_for_checkpoint", "spec_for_engine"]
+__all__ = ["BACKENDS", "default_backend", "open_runner", "spec_for", "spec_for_checkpoint", "spec_for_engine"]
 
 BACKENDS: dict[str, str] = {
     "ort": "ONNX Runtime (.onnx; CPU, CUDA when installed)",
@@ -44,6 +44,25 @@ def default_backend(model_path: str | Path) -> str:
 def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise RunnerError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+
+
+def spec_for(path: Path, backend: str, description: str | Path | None = None) -> ModelSpec | None:
+    """A model file's spec: its side-car description, its ONNX metadata, an engine's side-car or a
+    checkpoint's architecture; None for a backend whose runner supplies it."""
+    from centernet_edge.runtime.spec import SpecError, load_spec
+
+    if description is not None or path.suffix.lower() == ".onnx":
+        try:
+            return load_spec(path, description)
+        except (SpecError, OSError):
+            raise
+        except Exception as exc:  # protobuf decode errors and the like: not an ONNX file at all
+            raise SpecError(f"cannot read {path.name} as ONNX: {exc}") from exc
+    if backend == "trt":
+        return spec_for_engine(path)
+    if backend == "torch":
+        return spec_for_checkpoint(path)
+    return None
 
 
 def spec_for_engine(path: Path) -> ModelSpec:

@@ -19,7 +19,7 @@ from centernet_edge.runtime.detections import Detections
 from centernet_edge.runtime.hashing import file_sha256
 from centernet_edge.runtime.images import ReadReport
 from centernet_edge.runtime.runners import Runner, RunnerOptions, StageTimes, runner_info
-from centernet_edge.runtime.spec import ModelSpec, SpecError, load_spec
+from centernet_edge.runtime.spec import ModelSpec
 
 from . import backends
 from .agreement import AgreementAccumulator, AgreementStats, heatmap_probabilities
@@ -99,18 +99,7 @@ def resolve_model(
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
     backend = backend or backends.default_backend(path)
-    spec: ModelSpec | None = None
-    if description is not None or path.suffix.lower() == ".onnx":
-        try:
-            spec = load_spec(path, description)
-        except SpecError:
-            raise
-        except Exception as exc:  # protobuf decode errors and the like: not an ONNX file at all
-            raise SpecError(f"cannot read {path.name} as ONNX: {exc}") from exc
-    elif backend == "trt":
-        spec = backends.spec_for_engine(path)
-    elif backend == "torch":
-        spec = backends.spec_for_checkpoint(path)
+    spec = backends.spec_for(path, backend, description)
     return ModelEntry(label, path, spec, backend, file_sha256(path))
 
 
