@@ -116,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="percentile for --method percentile (default: %(default)s)")
     p.add_argument("--mixed", choices=MIXED_RULES, default="knee",
                    help="which layers stay float (label-free, calibration images): 'knee' (default) measures "
-                        f"0..cap float layers (cap: {DEFAULT_FLOAT_SHARE:.0%} of the Conv layers) and keeps the "
-                        f"fewest that reach {1 - KNEE_TOLERANCE:.0%} of the head-error reduction the cap gives; "
+                        f"0..cap float layers (cap: {DEFAULT_FLOAT_SHARE * 100:.0f}%% of the Conv layers) and keeps the "
+                        f"fewest that reach {(1 - KNEE_TOLERANCE) * 100:.0f}%% of the head-error reduction the cap gives; "
                         "'budget' the fewest within --budget; 'none' every eligible layer int8 (no sensitivity "
                         "analysis)")
     p.add_argument("--budget", type=_budget, default=None,

@@ -73,3 +73,26 @@ def test_built_wheel_contains_only_the_namespaced_package(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().startswith(str(target))
+
+
+def _console_scripts() -> dict[str, str]:
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+@pytest.mark.parametrize("script", sorted(_console_scripts()))
+def test_every_tool_prints_its_help(script, capsys):
+    """``--help`` renders (argparse expands ``%`` in help texts: a bare percent sign crashes it)."""
+    import importlib
+
+    module_name, function = _console_scripts()[script].split(":")
+    main = getattr(importlib.import_module(module_name), function)
+    try:
+        code = main(["--help"])
+    except SystemExit as stop:  # argparse's exit, unless the tool's wrapper turns it into a return code
+        code = stop.code
+    assert code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: {script}")
+    assert "options:" in out
