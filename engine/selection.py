@@ -5,7 +5,9 @@ model_fp16.onnx, model_int8_qdq.onnx). TensorRT 11 builds what the ONNX says (st
 model_fp16.onnx, int8 from model_int8_qdq.onnx. TensorRT 10 builds the fp32 ONNX with the FP16 flag, or
 with INT8 + FP16 and our calibration cache (or live calibration batches); ``strongly_typed`` asks it for
 the TensorRT 11 route instead. The calibration folder does not hold the fp32 model, so routes that need
-it take it from ``source_onnx`` and check it against the sha256 the calibration recorded.
+it take it from ``source_onnx`` and check it against the sha256 the calibration recorded; except int8 from
+the cache of a calibration that rescaled channels: its ranges describe the folder's
+model_fp32_rescaled.onnx, which is what gets built then.
 """
 
 from __future__ import annotations
@@ -92,6 +94,23 @@ def _checked_source(source_onnx: Path | None, summary: dict[str, Any], why: str)
             f"--onnx {source_onnx.name} (sha256 {actual[:12]}) is not the model this calibration was made from "
             f"({str(recorded)[:12]})")
     return source_onnx
+
+
+def _cache_model(folder: Path, summary: dict[str, Any]) -> Path | None:
+    """The folder's rescaled fp32 model when the calibration rescaled channels: the cache's ranges describe
+    its tensors, not the source model's, so TensorRT must build it (same function, other weights)."""
+    name = summary.get("cache_model")
+    if not name:
+        return None
+    path = folder / str(name)
+    if not path.is_file():
+        raise SelectionError(f"{folder.name}/{name} is missing: the calibration.cache ranges describe that "
+                             "rescaled model's tensors; rerun centernet-calibrate")
+    recorded = summary.get("cache_model_sha256")
+    if recorded and file_sha256(path) != recorded:
+        raise SelectionError(f"{folder.name}/{name} changed after calibration (sha256 differs from summary.json); "
+                             "rerun centernet-calibrate")
+    return path
 
 
 def _folder_file(folder: Path, key: str, hint: str) -> Path:
@@ -191,6 +210,14 @@ def _from_folder(folder: Path, target: TrtTarget, precision: str, source: Path |
             return _plan(target, "fp16", onnx, description, strongly_typed=True, source=src)
         onnx = _folder_file(folder, "qdq", rerun.format("int8"))
         return _plan(target, "int8", onnx, description, strongly_typed=True, int8_source="qdq", source=src)
+    cache_model = _cache_model(folder, summary) if precision == "int8" and int8_source == "cache" else None
+    if cache_model is not None:
+        if source is not None:
+            _checked_source(source, summary, "")  # a wrong --onnx is still an error, though it is not built
+        cache = _folder_file(folder, "cache", "rerun centernet-calibrate")
+        float_layers = tuple(str(n) for n in summary.get("float_layers", []))
+        return _plan(target, "int8", cache_model, description, strongly_typed=False, flags=("INT8", "FP16"),
+                     int8_source="cache", cache=cache, fp16_layers=float_layers, source=src)
     onnx = _checked_source(source, summary, f"{precision} on TensorRT {target.major} (fp32 ONNX + builder flags)")
     if precision == "fp16":
         return _plan(target, "fp16", onnx, description, strongly_typed=False, flags=("FP16",), source=src)

@@ -35,7 +35,7 @@ PROG = "centernet-calibrate"
 _EPILOG = """outputs (in -o): calibration.cache, summary.json, timings.json, model_int8_qdq.onnx (TensorRT),
 model_int8_cpu.onnx (ONNX Runtime CPU), model_fp16.onnx, precision.json, weight_fit.json (AdaRound / bias
 correction per layer), layer_error.json/.md; sensitivity.json/.md when layers may stay float (--mixed knee or
-budget).
+budget); model_fp32_rescaled.onnx when channels were rescaled (the fp32 model the cache's ranges describe).
 unreadable calibration images are skipped, counted and named in summary.json (--strict fails instead).
 exit codes: 0 ok, 2 bad input (one line on stderr, nothing written), 3 an existing cache was made from
 another model/images/method, 130 interrupted (nothing written)."""
@@ -102,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--equalize", action=argparse.BooleanOptionalAction, default=False,
                    help="cross-layer equalization of conv -> ReLU/identity -> conv pairs before calibration "
                         "(same fp32 function; default: off)")
+    p.add_argument("--channel-scaling", action=argparse.BooleanOptionalAction, default=True,
+                   help="even out the channels of every depthwise conv input before calibration (per-channel "
+                        "factors from calibration images, folded into the neighbouring convs or one Mul in front "
+                        "of the depthwise conv; same fp32 function; default: on)")
+    p.add_argument("--scaling-images", type=_positive, default=32,
+                   help="calibration images whose per-channel ranges set the channel-scaling factors "
+                        "(default: %(default)s)")
     p.add_argument("--rounding", choices=ROUNDINGS, default="adaround",
                    help="int8 weight rounding: adaround (default; learned per layer on calibration patches, "
                         "layers fitted in order on quantized inputs, kept only when it lowers the all-int8 "
@@ -116,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="percentile for --method percentile (default: %(default)s)")
     p.add_argument("--mixed", choices=MIXED_RULES, default="knee",
                    help="which layers stay float (label-free, calibration images): 'knee' (default) measures "
-                        f"0..cap float layers (cap: {DEFAULT_FLOAT_SHARE * 100:.0f}%% of the Conv layers) and keeps the "
-                        f"fewest that reach {(1 - KNEE_TOLERANCE) * 100:.0f}%% of the head-error reduction the cap gives; "
+                        f"0..cap float layers (cap: {DEFAULT_FLOAT_SHARE * 100:.0f}%% of the Conv layers) and keeps "
+                        f"the fewest that reach {(1 - KNEE_TOLERANCE) * 100:.0f}%% of the head-error reduction the "
+                        "cap gives; "
                         "'budget' the fewest within --budget; 'none' every eligible layer int8 (no sensitivity "
                         "analysis)")
     p.add_argument("--budget", type=_budget, default=None,
@@ -190,7 +198,7 @@ def _main(argv: Sequence[str] | None) -> int:
         int8=args.int8 or both, fp16=args.fp16 or both, method=args.method, percentile=args.percentile,
         mixed=mixed, budget=budget, max_float=args.max_float, sensitivity_images=args.sensitivity_images,
         ranking_images=args.ranking_images, rounding=args.rounding, bias_correction=args.bias_correction,
-        equalize=args.equalize,
+        equalize=args.equalize, channel_scaling=args.channel_scaling, scaling_images=args.scaling_images,
         fit_images=args.fit_images,
         cpu_float=args.cpu_float, cpu_format=args.cpu_format, cpu_float_heads=args.cpu_float_heads,
         trt_version=args.trt_version, force=args.force, threads=args.threads, workers=args.workers,

@@ -36,6 +36,9 @@ SUMMARY_FORMAT = 1
 
 ARTIFACTS = {
     "cache": "calibration.cache",
+    # The fp32 model the cache's ranges refer to when calibration rescaled channels (same function as the
+    # source, other tensor values): TensorRT 10's implicit int8 builds it with the cache.
+    "rescaled": "model_fp32_rescaled.onnx",
     "qdq": "model_int8_qdq.onnx",
     "cpu": "model_int8_cpu.onnx",
     "fp16": "model_fp16.onnx",

@@ -15,8 +15,9 @@
    round-robin in one process (so load changes hit every model alike): fp32 vs the int8 models, each
    speed-up printed with the CPU's integer ISA (avx2 / avx512 / vnni / amx, from /proc/cpuinfo);
 4. the post-training methods one at a time (``--methods-images`` calibration images, every eligible layer
-   int8, each calibration in its own process): equalization, AdaRound rounding, bias correction, downstream
-   ranges, and all of them -> AP of the Q/DQ and CPU artifacts, label-free head error, calibration time.
+   int8, each calibration in its own process): channel scaling, equalization, AdaRound rounding, bias
+   correction, downstream ranges, and the defaults together -> AP of the Q/DQ and CPU artifacts, label-free
+   head error, calibration time.
 
 Prints Markdown tables and writes ``<work>/bench_results.json``.
 """
@@ -130,16 +131,22 @@ def run_calibration(model: Path, images: Path, num: int, out: Path, stats_cache:
 # ---- 4. the post-training methods on/off ---------------------------------------------------------
 
 # label -> centernet-calibrate flags; every run quantizes every eligible layer (no mixed precision), so
-# each method's effect on int8 itself is what is measured.
+# each method's effect on int8 itself is what is measured. Every row is the baseline plus one switch
+# (later flags override earlier ones), except the last, which combines the defaults.
+METHOD_BASELINE = ("--method", "percentile", "--rounding", "nearest", "--no-channel-scaling")
 METHOD_RUNS: dict[str, tuple[str, ...]] = {
-    "baseline (percentile, nearest)": ("--method", "percentile"),
-    "+ equalization": ("--method", "percentile", "--equalize"),
-    "+ AdaRound rounding": ("--method", "percentile", "--rounding", "adaround"),
-    "+ bias correction": ("--method", "percentile", "--bias-correction"),
-    "downstream ranges": ("--method", "downstream"),
-    "equalization + AdaRound + bias correction": ("--method", "percentile", "--equalize", "--rounding",
-                                                  "adaround", "--bias-correction"),
+    "baseline (percentile, nearest)": METHOD_BASELINE,
+    "+ channel scaling": (*METHOD_BASELINE, "--channel-scaling"),
+    "+ equalization": (*METHOD_BASELINE, "--equalize"),
+    "+ AdaRound rounding": (*METHOD_BASELINE, "--rounding", "adaround"),
+    "+ bias correction": (*METHOD_BASELINE, "--bias-correction"),
+    "+ downstream ranges": (*METHOD_BASELINE, "--method", "downstream"),
+    "channel scaling + AdaRound (the defaults)": (*METHOD_BASELINE, "--channel-scaling", "--rounding", "adaround"),
 }
+
+
+def _last(flags: tuple[str, ...], name: str) -> str:
+    return [flags[i + 1] for i, flag in enumerate(flags[:-1]) if flag == name][-1]
 
 
 def run_methods(model: Path, images: Path, num: int, work: Path, threads: int) -> dict[str, dict]:
@@ -148,14 +155,14 @@ def run_methods(model: Path, images: Path, num: int, work: Path, threads: int) -
     out: dict[str, dict] = {}
     for i, (label, flags) in enumerate(METHOD_RUNS.items()):
         folder = work / f"method{i}"
-        stats = work / ("stats_eq" if "--equalize" in flags else "stats")
+        stats = work / "stats"  # keyed by model: equalized / rescaled models get their own entries
         run = run_calibration(model, images, num, folder, stats, threads,
                               ("--int8", "--budget", "none", "--layer-report-images", "0", *flags))
         summary = json.loads((folder / "summary.json").read_text())
         fit = folder / "weight_fit.json"
         out[label] = {
             "folder": str(folder), "wall_s": run["wall_s"], "peak_rss_mb": run["peak_rss_mb"],
-            "method": flags[1],
+            "method": _last(flags, "--method"),
             "qdq_head_error": summary["int8_head_error"]["head_error"],
             "cpu_head_error": (summary.get("cpu_int8") or {}).get("head_error"),
             "weight_fit_kept": json.loads(fit.read_text())["kept"] if fit.exists() else None,

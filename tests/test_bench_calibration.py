@@ -30,9 +30,20 @@ def test_cpu_isa_reads_the_integer_simd_flags(bench, flags, expected):
 
 
 def test_method_runs_switch_one_method_each(bench):
+    """The baseline turns every method off explicitly (defaults change); each "+" row adds one switch."""
+    from centernet_edge.quantize.cli import build_parser
+
     runs = bench.METHOD_RUNS
-    assert runs["baseline (percentile, nearest)"] == ("--method", "percentile")
-    switches = {"--equalize", "--rounding", "--bias-correction"}
+    base = runs["baseline (percentile, nearest)"]
+    parse = lambda flags: vars(build_parser().parse_args(["m.onnx", "--images", "i", *flags]))  # noqa: E731
+    baseline = parse(base)
+    assert baseline["rounding"] == "nearest" and not baseline["channel_scaling"] and not baseline["equalize"]
+    assert not baseline["bias_correction"] and baseline["method"] == "percentile"
     singles = [label for label, flags in runs.items() if label.startswith("+")]
+    assert len(singles) >= 5
     for label in singles:
-        assert len(switches & set(runs[label])) == 1, label
+        flags = runs[label]
+        assert flags[:len(base)] == base, label
+        changed = {k for k, v in parse(flags).items() if baseline[k] != v}
+        assert len(changed) == 1, (label, changed)
+        assert bench._last(flags, "--method") == parse(flags)["method"]

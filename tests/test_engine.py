@@ -49,8 +49,9 @@ def calibrated(tmp_path_factory):
     model = write_model(root / "model.onnx", fragile=True)
     images = write_images(root / "images", 8)
     out = root / "calib"
+    # Channel scaling off: these tests build the source model; the rescaled route has its own test.
     calibrate(CalibrateOptions(model=model, images=images, out_dir=out, num_images=8, method="minmax",
-                               budget=0.05, sensitivity_images=4, progress=False))
+                               budget=0.05, sensitivity_images=4, channel_scaling=False, progress=False))
     return model, out, images
 
 
@@ -84,6 +85,36 @@ def test_trt10_builds_the_fp32_onnx_with_flags_and_our_cache(calibrated):
     assert typed.onnx.name == "model_int8_qdq.onnx" and typed.strongly_typed and typed.flags == ()
     live = plan_build(folder, TRT10, "int8", source_onnx=model, int8_source="images")
     assert live.int8_source == "images" and live.calibration_cache is None
+
+
+def test_trt10_cache_of_a_rescaled_calibration_builds_the_rescaled_model(calibrated, tmp_path):
+    """Channel scaling changes the tensors the cache describes: TensorRT 10 must build the folder's
+    model_fp32_rescaled.onnx with it, not the source model."""
+    import json
+
+    from centernet_edge.quantize.pipeline import CalibrateOptions, calibrate
+
+    model, _, images = calibrated
+    folder = tmp_path / "calib"
+    calibrate(CalibrateOptions(model=model, images=images, out_dir=folder, num_images=8, method="minmax",
+                               mixed="none", rounding="nearest", fp16=False, scaling_images=4,
+                               layer_report_images=0, progress=False))
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["cache_model"] == "model_fp32_rescaled.onnx" and summary["channel_scaling"]
+    plan = plan_build(folder, TRT10, "int8")  # no --onnx needed
+    assert plan.onnx == folder / "model_fp32_rescaled.onnx" and plan.int8_source == "cache"
+    assert plan.calibration_cache == folder / "calibration.cache"
+    assert plan_build(folder, TRT10, "int8", source_onnx=model).onnx == plan.onnx
+    with pytest.raises(SelectionError, match="not the model this calibration was made from"):
+        plan_build(folder, TRT10, "int8", source_onnx=write_model(tmp_path / "other.onnx", seed=3))
+    assert plan_build(folder, TRT10, "fp16", source_onnx=model).onnx == model  # fp16 builds the source
+    rescaled = folder / "model_fp32_rescaled.onnx"
+    rescaled.write_bytes(rescaled.read_bytes() + b"\0")
+    with pytest.raises(SelectionError, match="changed after calibration"):
+        plan_build(folder, TRT10, "int8")
+    rescaled.unlink()
+    with pytest.raises(SelectionError, match="model_fp32_rescaled.onnx is missing"):
+        plan_build(folder, TRT10, "int8")
 
 
 def test_folder_routes_need_the_right_fp32_onnx(calibrated, tmp_path):
