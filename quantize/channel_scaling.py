@@ -45,13 +45,14 @@ from centernet_edge.runtime.onnx_graph import (
     initializers,
     producers,
     prune_to_outputs,
+    remove_dead_nodes,
     topological_sort,
     unique_name,
 )
 from centernet_edge.runtime.onnx_session import create_session
 
 __all__ = ["MAX_STRETCH", "ScalingSite", "Source", "apply_channel_scaling", "channel_ranges", "depthwise_input_sites",
-           "site_factors"]
+           "site_factors", "undo_split_sites"]
 
 # A channel is stretched at most this much: a nearly dead channel is noise, not signal worth the range.
 MAX_STRETCH = 64.0
@@ -378,4 +379,30 @@ def apply_channel_scaling(model: onnx.ModelProto, sites: list[ScalingSite], fact
             grouped = grouped * scale.reshape(groups, 1, cin_g, 1, 1)
             write(conv.input[1], grouped.reshape(weight.shape))
     topological_sort(graph)
+    return out
+
+
+def undo_split_sites(model: onnx.ModelProto, sites: list[ScalingSite]) -> onnx.ModelProto:
+    """A copy of a rescaled ``model`` with the split sites' Muls removed again (each depthwise conv reads
+    the unscaled tensor with its original weights; folded sites stay). For graphs that quantize every
+    tensor, where the Mul's input is int8 already and the Mul only costs a pass over memory."""
+    out = copy.deepcopy(model)
+    graph = out.graph
+    prod = producers(graph)
+    nodes = {n.name: n for n in graph.node}
+    index = {init.name: i for i, init in enumerate(graph.initializer)}
+    for site in sites:
+        if not site.split or site.depthwise not in nodes:
+            continue
+        depthwise = nodes[site.depthwise]
+        mul = prod.get(depthwise.input[0])
+        if mul is None or mul.op_type != "Mul" or mul.input[0] != site.tensor or mul.input[1] not in index:
+            raise ValueError(f"{site.depthwise!r} does not read a split Mul of {site.tensor!r}")
+        divisor = numpy_helper.to_array(graph.initializer[index[mul.input[1]]]).astype(np.float64).reshape(-1)
+        weight = numpy_helper.to_array(graph.initializer[index[depthwise.input[1]]]).astype(np.float64)
+        graph.initializer[index[depthwise.input[1]]].CopyFrom(numpy_helper.from_array(
+            (weight * divisor[:, None, None, None]).astype(np.float32), depthwise.input[1]))
+        depthwise.input[0] = site.tensor
+        graph.node.remove(mul)
+    remove_dead_nodes(out)
     return out

@@ -29,7 +29,14 @@ from centernet_edge.runtime.preprocess import prepare_batch
 from centernet_edge.runtime.spec import ModelSpec, load_spec
 
 from .artifacts import derived_spec, save_model, sidecar_path
-from .channel_scaling import apply_channel_scaling, channel_ranges, depthwise_input_sites, site_factors
+from .channel_scaling import (
+    ScalingSite,
+    apply_channel_scaling,
+    channel_ranges,
+    depthwise_input_sites,
+    site_factors,
+    undo_split_sites,
+)
 from .equalize import equalize
 from .fp16 import convert_fp16
 from .head_error import HeadError, HeadProbe, significantly_lower
@@ -271,7 +278,8 @@ class CalibrationRun:
     trt_version: int
     clock: _Clock
     probe: HeadProbe | None = None
-    scaling: list[dict[str, Any]] = field(default_factory=list)  # the channel-scaling sites applied
+    scaling_sites: list[ScalingSite] = field(default_factory=list)  # the channel-scaling sites applied
+    scaling: list[dict[str, Any]] = field(default_factory=list)  # ... as summary.json records them
 
     @property
     def rescaled(self) -> bool:
@@ -323,18 +331,19 @@ def prepare_run(options: CalibrateOptions, model_path: Path, spec: ModelSpec, ou
         _say(options, f"cross-layer equalization: {len(pairs)} conv pair(s) rescaled")
     calib = load_calibration_set(options.images, images_dir=options.images_dir,
                                  num_images=options.num_images, seed=options.seed)
-    scaling: list[dict[str, Any]] = []
+    sites: list[ScalingSite] = []
     if options.channel_scaling:
-        model, scaling = _scale_channels(model, spec, calib, options)
+        model, sites = _scale_channels(model, spec, calib, options)
     placement = plan_placement(model)
     _say(options, f"{len(placement.layers)} int8-eligible layers; calibrating on {len(calib)} image(s)")
     paths = {key: stage / name for key, name in ARTIFACTS.items()}
     return CalibrationRun(options, model_path, spec, out, paths, source, model, file_sha256(model_path),
-                          placement, calib, trt_version_int(options.trt_version), clock, scaling=scaling)
+                          placement, calib, trt_version_int(options.trt_version), clock, scaling_sites=sites,
+                          scaling=[{"depthwise": s.depthwise, "tensor": s.tensor, "kind": s.kind} for s in sites])
 
 
 def _scale_channels(model: onnx.ModelProto, spec: ModelSpec, calib: CalibrationSet, options: CalibrateOptions
-                    ) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
+                    ) -> tuple[onnx.ModelProto, list[ScalingSite]]:
     """Depthwise inputs rescaled by factors from the first ``scaling_images`` calibration images."""
     sites = depthwise_input_sites(model)
     if not sites:
@@ -346,12 +355,10 @@ def _scale_channels(model: onnx.ModelProto, spec: ModelSpec, calib: CalibrationS
     applied = [site for site in sites if not np.all(factors[site.tensor] == 1.0)]
     if not applied:
         return model, []
-    record = [{"depthwise": site.depthwise, "tensor": site.tensor, "kind": site.kind,
-               "max_stretch": round(float(1.0 / factors[site.tensor].min()), 3)} for site in applied]
-    kinds = {kind: sum(r["kind"] == kind for r in record) for kind in ("folded", "hardswish", "split")}
+    kinds = {kind: sum(site.kind == kind for site in applied) for kind in ("folded", "hardswish", "split")}
     _say(options, f"channel scaling: {len(applied)} of {len(sites)} depthwise input(s) rescaled "
                   f"({kinds['folded']} folded, {kinds['hardswish']} through hard-swish, {kinds['split']} split)")
-    return apply_channel_scaling(model, applied, factors), record
+    return apply_channel_scaling(model, applied, factors), applied
 
 
 def compute_ranges(run: CalibrationRun) -> Ranges:
@@ -631,6 +638,8 @@ def _cpu_artifact(run: CalibrationRun, ranges: Ranges, model: onnx.ModelProto, k
     accuracy cost is visible."""
     options, spec = run.options, run.spec
     _say(options, "writing ONNX Runtime CPU int8 model")
+    # Every tensor is int8 in this graph, a split site's input included: its Mul would only cost time.
+    model = undo_split_sites(model, run.scaling_sites)
     try:
         cpu, graph_changes = build_ort_cpu_int8_with_report(
             model, ort_ranges(ranges.amax, ranges.observed), keep_float=keep_float,

@@ -156,3 +156,19 @@ def test_scaling_is_deterministic_and_skips_what_it_cannot_scale():
     graph = helper.make_graph(b.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
                               [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], b.inits)
     assert depthwise_input_sites(helper.make_model(graph)) == []
+
+
+def test_undoing_split_sites_restores_the_depthwise_conv_and_keeps_folded_ones():
+    from centernet_edge.quantize.channel_scaling import undo_split_sites
+
+    model = _model("residual")
+    sites, _, scaled = _scaled(model)
+    undone = undo_split_sites(scaled, sites)
+    assert not [n for n in undone.graph.node if n.output[0].endswith("_scaled_input")]
+    original = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    restored = {i.name: onnx.numpy_helper.to_array(i) for i in undone.graph.initializer}
+    np.testing.assert_allclose(restored["depthwise_w"], original["depthwise_w"], rtol=1e-6)
+    x = _batches(1, seed=3)[0]
+    np.testing.assert_allclose(_run(undone, x)[0], _run(model, x)[0], rtol=1e-5, atol=1e-5)
+    folded_sites, _, folded = _scaled(_model("relu"))
+    assert undo_split_sites(folded, folded_sites).SerializeToString() == folded.SerializeToString()
