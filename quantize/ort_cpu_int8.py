@@ -35,7 +35,7 @@ import onnx
 
 from centernet_edge.runtime.onnx_graph import remove_dead_nodes, topological_sort
 
-from .cpu_rewrites import fold_constant_scaling, image_convolutions, pad_depthwise_channels
+from .cpu_rewrites import fold_constant_scaling, image_blocks, image_convolutions, pad_depthwise_channels
 from .float_layers import shield_float_layers
 from .placement import GraphRegions, graph_regions
 from .quantized_peaks import mask_peaks_on_quantized_logits, pool_quantized_logits
@@ -171,7 +171,9 @@ def build_ort_cpu_int8_with_report(
         report["depthwise_groups_padded"] = len(pad_depthwise_channels(model))
         images = image_convolutions(model, regions.network)
         report["image_convolutions_float"] = len(images)
-        keep_float |= set(images)
+        blocks = image_blocks(model, regions.network, images)
+        report["image_block_nodes_float"] = len(blocks)
+        keep_float |= set(images) | set(blocks)
     exclude = _excluded_nodes(model, regions, ranges, keep_float, config)
     if config.shared_concat_ranges:
         shared = shared_concat_ranges(model, ranges, exclude)

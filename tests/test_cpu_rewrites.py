@@ -10,6 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from centernet_edge.quantize.cpu_rewrites import (
     fold_constant_scaling,
+    image_blocks,
     image_convolutions,
     pad_depthwise_channels,
 )
@@ -168,6 +169,33 @@ def test_image_convolutions_are_the_layers_reading_few_channels():
     assert image_convolutions(model, {"stem", "next"}) == ["stem"]
     assert image_convolutions(model, {"next"}) == []
     assert image_convolutions(model, {"stem", "next"}, max_outputs=4) == []  # 8 outputs: integer GEMM wins
+
+
+def _stem_then(reader: str) -> onnx.ModelProto:
+    """image conv -> hard-swish -> ``reader`` ("depthwise" or "dense") -> a residual Add with the stem."""
+    scalar = lambda name, v: _init(name, np.array(v, np.float32))  # noqa: E731
+    inits = [_init("w_stem", _weights(8, 3, 3, 3)), scalar("k", 1 / 6), scalar("three", 3.0),
+             scalar("lo", 0.0), scalar("hi", 6.0),
+             _init("w_dw", _weights(8, 1, 3, 3)) if reader == "depthwise" else _init("w_dw", _weights(8, 8, 3, 3))]
+    group = 8 if reader == "depthwise" else 1
+    nodes = [helper.make_node("Conv", ["x", "w_stem"], ["y"], name="stem", pads=[1] * 4),
+             helper.make_node("Mul", ["y", "k"], ["lin"], name="hs_mul"),
+             helper.make_node("Add", ["y", "three"], ["sh"], name="hs_add"),
+             helper.make_node("Clip", ["sh", "lo", "hi"], ["gate"], name="hs_clip"),
+             helper.make_node("Mul", ["lin", "gate"], ["a"], name="hs_out"),
+             helper.make_node("Conv", ["a", "w_dw"], ["b"], name="reader", group=group, pads=[1] * 4),
+             helper.make_node("Add", ["a", "b"], ["out"], name="residual")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                  [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits)
+
+
+def test_image_blocks_extend_the_float_stem_to_the_depthwise_conv_reading_its_activation():
+    model = _stem_then("depthwise")
+    network = {n.name for n in model.graph.node}
+    assert image_blocks(model, network, ["stem"]) == ["hs_mul", "hs_add", "hs_clip", "hs_out", "reader"]
+    assert image_blocks(model, network, []) == []  # no float image conv: nothing to extend
+    # a dense conv averages the stem's channels: no block, the activation stays int8
+    assert image_blocks(_stem_then("dense"), network, ["stem"]) == []
 
 
 def test_padding_the_real_mb3_model_changes_no_output(mb3_onnx):
