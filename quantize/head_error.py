@@ -205,6 +205,15 @@ class HeadProbe:
             probe._reference = self._reference[:count]
         return probe
 
+    def lowest_top_k_score(self) -> float | None:
+        """The smallest score that still makes an image's top-K peaks in the fp32 reference (over all
+        probe images); None without a heatmap."""
+        if self._reference is None:
+            raise RuntimeError("call set_reference(fp32 model) first")
+        lows = [float(ref.peak_scores.min()) for ref in self._reference
+                if ref.peak_scores is not None and ref.peak_scores.size]
+        return min(lows) if lows else None
+
     def set_reference(self, model: onnx.ModelProto | bytes | str) -> None:
         batches = self._per_batch(model, lambda _, refs: refs, None)
         self._reference = [ref for refs in batches for ref in refs]

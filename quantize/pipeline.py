@@ -43,7 +43,7 @@ from .head_error import HeadError, HeadProbe, significantly_lower
 from .layer_error import compare_tensors, write_layer_errors
 from .manifest import ARTIFACTS, INT8_ARTIFACTS, calibration_summary, check_reusable, read_summary, write_summary
 from .mixed import DEFAULT_BUDGET, MixedResult, search_knee, search_mixed_precision, write_precision
-from .ort_cpu_int8 import CpuInt8Config, build_ort_cpu_int8_with_report, ort_ranges
+from .ort_cpu_int8 import CpuInt8Config, build_ort_cpu_int8_with_report, decode_input_ranges, ort_ranges
 from .parallel import default_workers
 from .placement import Placement, QuantLayer, plan_placement
 from .qdq import build_qdq_model
@@ -640,9 +640,11 @@ def _cpu_artifact(run: CalibrationRun, ranges: Ranges, model: onnx.ModelProto, k
     _say(options, "writing ONNX Runtime CPU int8 model")
     # Every tensor is int8 in this graph, a split site's input included: its Mul would only cost time.
     model = undo_split_sites(model, run.scaling_sites)
+    cpu_ranges = decode_input_ranges(model, run.placement.regions, ort_ranges(ranges.amax, ranges.observed),
+                                     ranges.observed, run.head_probe().lowest_top_k_score())
     try:
         cpu, graph_changes = build_ort_cpu_int8_with_report(
-            model, ort_ranges(ranges.amax, ranges.observed), keep_float=keep_float,
+            model, cpu_ranges, keep_float=keep_float,
             config=CpuInt8Config(fmt=options.cpu_format, float_head_outputs=options.cpu_float_heads),
             regions=run.placement.regions)
     except Exception as exc:  # ONNX Runtime's quantizer rejects some graphs; the TensorRT artifacts stand

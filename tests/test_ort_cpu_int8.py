@@ -151,3 +151,26 @@ def test_cpu_model_float_layers_are_shielded():
     conv_out = next(n for n in cpu.graph.node if n.name == "conv_out")
     dq = producer[conv_out.input[0]]
     assert dq.op_type == "DequantizeLinear" and next(a.i for a in dq.attribute if a.name == "axis") == 1
+
+
+def test_decode_inputs_keep_their_maximum_and_the_heatmap_logits_drop_scores_no_top_k_needs():
+    """Head outputs read by the decode tail: the clipped top is restored (strong peaks, large boxes),
+    the heatmap logits (read by the tail's Sigmoid) start at logit(score floor); others are untouched."""
+    from centernet_edge.quantize.ort_cpu_int8 import decode_input_ranges
+
+    nodes = [helper.make_node("Conv", ["x", "w"], ["feat"], name="body"),
+             helper.make_node("Conv", ["feat", "w_hm"], ["logits"], name="hm_head"),
+             helper.make_node("Conv", ["feat", "w_wh"], ["wh"], name="wh_head"),
+             helper.make_node("Sigmoid", ["logits"], ["heat"], name="sigmoid"),
+             helper.make_node("Mul", ["wh", "heat"], ["out"], name="decode_mul")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [], []))
+    regions = GraphRegions(preprocess=frozenset(), network=frozenset({"body", "hm_head", "wh_head"}),
+                           decode=frozenset({"sigmoid", "decode_mul"}), constant=frozenset())
+    clipped = {"feat": (0.0, 4.0), "logits": (-14.8, 2.0), "wh": (-0.5, 20.0)}
+    observed = {"feat": (0.0, 9.0), "logits": (-28.0, 2.7), "wh": (-0.5, 21.8)}
+    out = decode_input_ranges(model, regions, clipped, observed, score_floor=0.01)
+    assert out["feat"] == clipped["feat"]  # not a head output: its calibrated clip stays
+    assert out["wh"] == (-0.5, 21.8)
+    lo, hi = out["logits"]
+    assert hi == 2.7 and lo == pytest.approx(np.log(0.01 / 0.99))
+    assert decode_input_ranges(model, regions, clipped, observed)["logits"] == (-28.0, 2.7)  # no floor

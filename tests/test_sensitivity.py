@@ -111,6 +111,18 @@ def test_knee_rule_floats_the_fragile_layer_within_the_cap(setup):
     assert result.to_dict()["budget"] is None and result.to_dict()["rule"] == "knee"
 
 
+def test_lowest_top_k_score_is_the_smallest_kth_peak_of_the_reference(setup, tmp_path):
+    model, _, _, probe = setup
+    from centernet_edge.quantize.head_error import peak_indices
+
+    lows = [float(peak_indices(ref.heat, probe.spec.decode.K, probe.spec.decode.peak_kernel)[1].min())
+            for ref in probe._reference]
+    assert probe.lowest_top_k_score() == pytest.approx(min(lows))
+    fresh = HeadProbe(probe.spec, probe.batches)
+    with pytest.raises(RuntimeError, match="set_reference"):
+        fresh.lowest_top_k_score()
+
+
 def test_probe_subset_shares_the_reference(setup):
     model, _, _, probe = setup
     part = probe.subset(2)
