@@ -14,6 +14,11 @@ ONNX Runtime 1.31, one thread; ``scripts/bench_cpu_int8.py --micro``):
   mb3's 16-channel stem: the im2col of 3-byte pixels dominates), so :func:`image_convolutions` names those
   layers to keep in float;
   :func:`image_blocks` extends that float stem through its activation to a depthwise conv reading it;
+* a per-channel scaling followed by a constant offset, ``Mul(x, s) + b`` (the gate input channel
+  scaling puts in front of a hard-swish, ``quantize/channel_scaling.py``), is two passes as ``QLinearMul``
+  + ``QLinearAdd``, and ``QLinearMul`` quantizes ``s`` with one scale for all channels.
+  :func:`affine_as_depthwise_convs` writes it as one 1x1 depthwise ``Conv`` with weights ``s`` and bias
+  ``b``: one pass, and per-channel int8 weights hold every ``s_c`` exactly;
 * peak NMS on the quantized heatmap logits has its own exact rewrites in :mod:`.quantized_peaks`.
 """
 
@@ -29,6 +34,7 @@ from centernet_edge.runtime.onnx_graph import constant_array, consumers, initial
 
 __all__ = [
     "DEPTHWISE_CHANNEL_BLOCK",
+    "affine_as_depthwise_convs",
     "fold_constant_scaling",
     "image_blocks",
     "image_convolutions",
@@ -383,3 +389,48 @@ def image_blocks(model: onnx.ModelProto, network: Iterable[str], image_convs: It
         elif _is_depthwise(node, shapes) and node.input[0] in float_tensors:
             depthwise.append(node.name)
     return chain + depthwise if depthwise else []
+
+
+def affine_as_depthwise_convs(model: onnx.ModelProto, skip: Iterable[str] = ()) -> int:
+    """Replace ``Add(Mul(x, s), b)`` (``s`` a positive per-channel ``[1, C, 1, 1]`` constant, ``b`` a
+    scalar constant, the product read only by the Add) with a 1x1 depthwise ``Conv`` (in place; the Add's
+    output keeps its name, so calibrated ranges still apply); nodes named in ``skip`` are left alone.
+    Returns the number of rewrites."""
+    skip = set(skip)
+    inits = initializers(model.graph)
+    cons = consumers(model.graph)
+    outputs = {o.name for o in model.graph.output}
+    taken = set(inits) | {o for n in model.graph.node for o in n.output} | {n.name for n in model.graph.node}
+    replaced: list[tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto]] = []
+    for mul in model.graph.node:
+        if mul.op_type != "Mul" or len(mul.input) != 2 or mul.output[0] in outputs or mul.name in skip:
+            continue
+        x, factor = (mul.input[0], mul.input[1]) if mul.input[1] in inits else (mul.input[1], mul.input[0])
+        if factor not in inits or x in inits:
+            continue
+        scale = numpy_helper.to_array(inits[factor]).astype(np.float32)
+        if scale.ndim != 4 or scale.shape[0] != 1 or scale.shape[2:] != (1, 1) or not np.all(scale > 0):
+            continue
+        readers = cons.get(mul.output[0], [])
+        if len(readers) != 1 or readers[0].op_type != "Add" or readers[0].name in skip:
+            continue
+        add = readers[0]
+        other = next((i for i in add.input if i != mul.output[0]), None)
+        offset = constant_array(model, other) if other is not None else None
+        if offset is None or offset.size != 1:
+            continue
+        channels = scale.shape[1]
+        weight = unique_name(f"{mul.name}_dw_weight", taken)
+        bias = unique_name(f"{mul.name}_dw_bias", taken)
+        taken |= {weight, bias}
+        model.graph.initializer.extend([
+            numpy_helper.from_array(scale.reshape(channels, 1, 1, 1), weight),
+            numpy_helper.from_array(np.full(channels, float(offset.reshape(())), np.float32), bias)])
+        conv = onnx.helper.make_node("Conv", [x, weight, bias], [add.output[0]], name=f"{mul.name}_as_dw_conv",
+                                     group=channels, kernel_shape=[1, 1])
+        replaced.append((mul, add, conv))
+    for mul, add, conv in replaced:
+        model.graph.node.insert(list(model.graph.node).index(add), conv)
+        model.graph.node.remove(mul)
+        model.graph.node.remove(add)
+    return len(replaced)

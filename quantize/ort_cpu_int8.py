@@ -35,7 +35,13 @@ import onnx
 
 from centernet_edge.runtime.onnx_graph import remove_dead_nodes, topological_sort
 
-from .cpu_rewrites import fold_constant_scaling, image_blocks, image_convolutions, pad_depthwise_channels
+from .cpu_rewrites import (
+    affine_as_depthwise_convs,
+    fold_constant_scaling,
+    image_blocks,
+    image_convolutions,
+    pad_depthwise_channels,
+)
 from .float_layers import shield_float_layers
 from .placement import GraphRegions, graph_regions
 from .quantized_peaks import mask_peaks_on_quantized_logits, pool_quantized_logits
@@ -168,7 +174,10 @@ def build_ort_cpu_int8_with_report(
     report: dict[str, int] = {}
     if config.kernel_rewrites:
         model = copy.deepcopy(model)
-        # tensor and node names are kept: ranges and regions still apply
+        # tensor and node names are kept: ranges and regions still apply (the new convs belong to no region
+        # list, so they are quantized like the network around them)
+        report["affine_as_depthwise_convs"] = affine_as_depthwise_convs(
+            model, skip=keep_float | set(regions.preprocess) | set(regions.decode))
         report["depthwise_groups_padded"] = len(pad_depthwise_channels(model))
         images = image_convolutions(model, regions.network)
         report["image_convolutions_float"] = len(images)

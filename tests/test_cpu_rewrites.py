@@ -9,6 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from centernet_edge.quantize.cpu_rewrites import (
+    affine_as_depthwise_convs,
     fold_constant_scaling,
     image_blocks,
     image_convolutions,
@@ -209,3 +210,23 @@ def test_padding_the_real_mb3_model_changes_no_output(mb3_onnx):
     np.testing.assert_allclose(after[1], before[1], atol=1e-5)  # heatmap
     np.testing.assert_allclose(after[0], before[0], atol=1e-3)  # box sizes (pixels)
     assert np.array_equal(after[2][..., 5], before[2][..., 5])  # same classes in the same order
+
+
+def test_per_channel_affine_becomes_one_depthwise_conv_with_the_same_values():
+    scale = np.array([0.02, 1.0, 0.5, 0.125], np.float32).reshape(1, 4, 1, 1)
+    inits = [_init("s", scale), _init("three", np.array(3.0, np.float32))]
+    nodes = [helper.make_node("Mul", ["x", "s"], ["scaled"], name="gate_scale"),
+             helper.make_node("Add", ["scaled", "three"], ["shifted"], name="gate_add"),
+             helper.make_node("Relu", ["shifted"], ["y"], name="relu")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 5])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    x = RNG.normal(0, 50, (1, 4, 5, 5)).astype(np.float32)
+    before = _run(model, {"x": x})[0]
+    skipped = onnx.ModelProto()
+    skipped.CopyFrom(model)
+    assert affine_as_depthwise_convs(skipped, skip={"gate_add"}) == 0
+    assert affine_as_depthwise_convs(model) == 1
+    conv = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert len(conv) == 1 and conv[0].output[0] == "shifted"  # the Add's output name (and range) is kept
+    assert not [n for n in model.graph.node if n.op_type in ("Mul", "Add")]
+    np.testing.assert_allclose(_run(model, {"x": x})[0], before, rtol=1e-6, atol=1e-5)
