@@ -60,6 +60,7 @@ __all__ = [
     "CalibrateResult",
     "CalibrationRun",
     "Ranges",
+    "build_cpu_model",
     "calibrate",
     "compute_ranges",
     "fp16_artifact",
@@ -629,6 +630,20 @@ def _layer_report(model: onnx.ModelProto, fitted: onnx.ModelProto, spec: ModelSp
     write_layer_errors(rows, paths["layer_error_json"], paths["layer_error_md"], meta)
 
 
+def build_cpu_model(run: CalibrationRun, ranges: Ranges, model: onnx.ModelProto, keep_float: list[str],
+                    config: CpuInt8Config | None = None) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """The ONNX Runtime CPU int8 graph of ``model`` (``run.model`` or its weight-fitted copy), as
+    model_int8_cpu.onnx gets it: split channel-scaling sites undone (every tensor is int8 here, the split
+    Mul's input included, so the Mul would only cost time), head outputs at their decode ranges."""
+    options = run.options
+    model = undo_split_sites(model, run.scaling_sites)
+    cpu_ranges = decode_input_ranges(model, run.placement.regions, ort_ranges(ranges.amax, ranges.observed),
+                                     ranges.observed, run.head_probe().lowest_top_k_score())
+    config = config or CpuInt8Config(fmt=options.cpu_format, float_head_outputs=options.cpu_float_heads)
+    return build_ort_cpu_int8_with_report(model, cpu_ranges, keep_float=keep_float, config=config,
+                                          regions=run.placement.regions)
+
+
 def _cpu_artifact(run: CalibrationRun, ranges: Ranges, model: onnx.ModelProto, keep_float: list[str]
                   ) -> dict[str, Any] | None:
     """model_int8_cpu.onnx. By default every eligible op is int8: ONNX Runtime's CPU speed comes only
@@ -638,15 +653,8 @@ def _cpu_artifact(run: CalibrationRun, ranges: Ranges, model: onnx.ModelProto, k
     accuracy cost is visible."""
     options, spec = run.options, run.spec
     _say(options, "writing ONNX Runtime CPU int8 model")
-    # Every tensor is int8 in this graph, a split site's input included: its Mul would only cost time.
-    model = undo_split_sites(model, run.scaling_sites)
-    cpu_ranges = decode_input_ranges(model, run.placement.regions, ort_ranges(ranges.amax, ranges.observed),
-                                     ranges.observed, run.head_probe().lowest_top_k_score())
     try:
-        cpu, graph_changes = build_ort_cpu_int8_with_report(
-            model, cpu_ranges, keep_float=keep_float,
-            config=CpuInt8Config(fmt=options.cpu_format, float_head_outputs=options.cpu_float_heads),
-            regions=run.placement.regions)
+        cpu, graph_changes = build_cpu_model(run, ranges, model, keep_float)
     except Exception as exc:  # ONNX Runtime's quantizer rejects some graphs; the TensorRT artifacts stand
         log.warning("ONNX Runtime CPU int8 model not written: %s: %s", type(exc).__name__, exc)
         return None

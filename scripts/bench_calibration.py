@@ -25,6 +25,7 @@ Prints Markdown tables and writes ``<work>/bench_results.json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -42,8 +43,14 @@ from centernet_edge.eval.dataset import load_coco_dataset
 from centernet_edge.eval.evaluate import evaluate_models, resolve_model
 from centernet_edge.quantize.artifacts import derived_spec, save_model
 from centernet_edge.quantize.fp16 import simulate_fp16
-from centernet_edge.quantize.ort_cpu_int8 import CpuInt8Config, build_ort_cpu_int8, ort_ranges
-from centernet_edge.quantize.pipeline import DOWNSTREAM_CANDIDATES, CalibrateOptions, compute_ranges, prepare_run
+from centernet_edge.quantize.ort_cpu_int8 import CpuInt8Config
+from centernet_edge.quantize.pipeline import (
+    DOWNSTREAM_CANDIDATES,
+    CalibrateOptions,
+    build_cpu_model,
+    compute_ranges,
+    prepare_run,
+)
 from centernet_edge.quantize.qdq import build_qdq_model
 from centernet_edge.quantize.range_search import search_ranges
 from centernet_edge.quantize.thresholds import METHODS, compute_amaxes
@@ -218,7 +225,6 @@ def build_variants(
     assert stats is not None
     method = ranges.method
     ranking = [r["layer"] for r in json.loads((run_dir / "sensitivity.json").read_text())["ranking"]]
-    observed = ranges.observed
     out: dict[str, Any] = {
         "method": method,
         "float_layers": summary["float_layers"],
@@ -257,11 +263,10 @@ def build_variants(
         build_qdq_model(model, placement.layers, amaxes["downstream"]), models / "qdq_all_downstream.onnx",
         spec, "int8", method="downstream")
     paths["CPU int8 (default config), downstream ranges"] = _save(
-        build_ort_cpu_int8(model, ort_ranges(amaxes["downstream"], observed), config=CpuInt8Config(),
-                           regions=placement.regions),
+        build_cpu_model(run, dataclasses.replace(ranges, amax=amaxes["downstream"]), model, [],
+                        CpuInt8Config())[0],
         models / "cpu_downstream.onnx", spec, "int8")
     amax = amaxes[method]
-    ranges = ort_ranges(amax, observed)
     for k in curve:
         paths[f"curve k={k} Q/DQ"] = _save(
             build_qdq_model(model, placement.select(ranking[:k]), amax),
@@ -270,9 +275,7 @@ def build_variants(
             "int8-mixed" if k else "int8",
         )
     for i, (label, (config, k)) in enumerate(CPU_VARIANTS.items()):
-        cpu = build_ort_cpu_int8(
-            model, ranges, keep_float=ranking[:k], config=config, regions=placement.regions
-        )
+        cpu = build_cpu_model(run, ranges, model, ranking[:k], config)[0]  # as model_int8_cpu.onnx is built
         paths[label] = _save(cpu, models / f"cpu_variant{i}.onnx", spec, "int8-mixed" if k else "int8")
     # label-free head error of every curve point on the probe images the calibration used
     probe = run.head_probe()
