@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
 import pytest
 from quant_synthetic import FRAGILE, synthetic_spec, write_images, write_model
@@ -298,6 +299,32 @@ def test_equalize_from_the_cli(inputs, tmp_path):
                 "--layer-report-images", "0") == 0
     assert _run(model, images, plain, "--method", "minmax", "--int8", "--budget", "none", "--equalize",
                 "--layer-report-images", "0") == 3
+
+
+def test_channel_scaling_from_the_cli_and_its_rescaled_model(inputs, tmp_path):
+    """Default: the depthwise input is rescaled, the cache describes model_fp32_rescaled.onnx (same fp32
+    outputs as the source); --no-channel-scaling removes that file from the folder as stale."""
+    from centernet_edge.runtime.onnx_session import create_session
+
+    _, model, images = inputs
+    out = tmp_path / "cs"
+    flags = ("--method", "minmax", "--int8", "--budget", "none", "--rounding", "nearest", "--layer-report-images",
+             "0", "--scaling-images", "4")
+    assert _run(model, images, out, *flags) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [site["kind"] for site in summary["channel_scaling"]] == ["folded"]
+    assert summary["method_options"]["channel_scaling"] == 4
+    rescaled = out / summary["cache_model"]
+    assert rescaled.is_file() and not list(out.glob("*.tmp"))
+    feed = np.random.default_rng(0).integers(0, 256, (1, 64, 64, 3)).astype(np.uint8)
+    source_out = create_session(str(model)).run(None, {"image": feed})
+    rescaled_out = create_session(str(rescaled)).run(None, {"image": feed})
+    for a, b in zip(source_out, rescaled_out, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+    assert _run(model, images, out, *flags, "--no-channel-scaling", "--force") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cache_model"] is None and summary["channel_scaling"] == []
+    assert not rescaled.exists()
 
 
 def test_cpu_model_can_keep_the_mixed_float_layers(inputs, tmp_path):

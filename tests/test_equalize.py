@@ -105,3 +105,12 @@ def test_only_scaling_commuting_activations_are_equalized(activation, expected):
     equalized, _ = equalize(model)
     x = np.random.default_rng(1).normal(size=(1, 3, 4, 4)).astype(np.float32)
     np.testing.assert_allclose(_run(equalized, x)[0], _run(model, x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_res18_has_no_depthwise_input_for_channel_scaling(res18):
+    """Official ResNets have no depthwise convs: channel scaling finds nothing and leaves the model as it is
+    (calibration then writes no rescaled model and the cache describes the model given)."""
+    from centernet_edge.quantize.channel_scaling import apply_channel_scaling, depthwise_input_sites
+
+    assert depthwise_input_sites(res18) == []
+    assert apply_channel_scaling(res18, [], {}).SerializeToString() == res18.SerializeToString()
