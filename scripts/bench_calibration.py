@@ -152,6 +152,13 @@ METHOD_RUNS: dict[str, tuple[str, ...]] = {
 }
 
 
+def _fits_kept(doc: dict[str, Any]) -> dict[str, bool]:
+    """weight_fit.json -> whether each artifact's fit survived the guard (``cpu`` may be "same as qdq")."""
+    kept = {key: bool(entry["kept"]) for key, entry in doc.items() if isinstance(entry, dict)}
+    return {**kept, **{key: kept[str(entry).split()[-1]] for key, entry in doc.items()
+                       if isinstance(entry, str) and str(entry).split()[-1] in kept}}
+
+
 def _last(flags: tuple[str, ...], name: str) -> str:
     return [flags[i + 1] for i, flag in enumerate(flags[:-1]) if flag == name][-1]
 
@@ -172,7 +179,7 @@ def run_methods(model: Path, images: Path, num: int, work: Path, threads: int) -
             "method": _last(flags, "--method"),
             "qdq_head_error": summary["int8_head_error"]["head_error"],
             "cpu_head_error": (summary.get("cpu_int8") or {}).get("head_error"),
-            "weight_fit_kept": json.loads(fit.read_text())["kept"] if fit.exists() else None,
+            "weight_fit_kept": _fits_kept(json.loads(fit.read_text())) if fit.exists() else None,
         }
     return out
 
@@ -529,7 +536,8 @@ def report(results: dict[str, Any], args: argparse.Namespace, curve: list[int]) 
                 label, _fmt(m["qdq_head_error"]), qdq and qdq["AP"], qdq and f"{qdq['AP'] - fp32_ap:+.2f}",
                 _fmt(m["cpu_head_error"]), cpu and cpu["AP"], cpu and f"{cpu['AP'] - fp32_ap:+.2f}",
                 speed and f"{speed['speedup']:.2f}x ({isa})", m["wall_s"],
-                "" if m["weight_fit_kept"] is None else ("kept" if m["weight_fit_kept"] else "dropped by guard"),
+                "" if not m["weight_fit_kept"] else ", ".join(
+                    f"{k}: {'kept' if v else 'dropped by guard'}" for k, v in sorted(m["weight_fit_kept"].items())),
             ])
         out.append(_table(["methods", "Q/DQ head error", "Q/DQ AP", "ΔAP", "CPU head error", "CPU AP", "ΔAP",
                            "CPU speed-up", "calibration s", "weight fit"], rows))
