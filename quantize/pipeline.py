@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -512,17 +513,27 @@ def int8_artifacts(run: CalibrationRun, ranges: Ranges) -> tuple[MixedResult, di
     clock.lap("sensitivity_and_mixed_precision")
     paths["weight_fit"].unlink(missing_ok=True)
     int8_layers = placement.select(mixed.float_layers)
-    fitted, qdq_fit, fitted_error = _fit_weights(run, ranges, int8_layers, mixed.error, "TensorRT Q/DQ model")
+
+    def qdq_error(weights: onnx.ModelProto) -> HeadError:
+        return probe.measure(build_qdq_model(weights, int8_layers, amax))
+
+    fitted, qdq_fit, fitted_error, qdq_candidate = _fit_weights(run, ranges, int8_layers, qdq_error, mixed.error,
+                                                                "TensorRT Q/DQ model")
     if qdq_fit is not None and qdq_fit["kept"]:
         mixed.error = fitted_error
     cpu_float = mixed.float_layers if options.cpu_float == "mixed" else []
-    cpu_source, cpu_fit = fitted, qdq_fit
-    if qdq_fit is not None and cpu_float != mixed.float_layers:  # the CPU model's own int8 layers
-        baseline = mixed.curve[0][1] if mixed.curve and mixed.curve[0][0] == 0 else \
-            probe.measure(build_qdq_model(model, placement.layers, amax))
-        cpu_source, cpu_fit, _ = _fit_weights(run, ranges, placement.select(cpu_float), baseline, "CPU model")
+    cpu_source, cpu_fit = model, None
     if qdq_fit is not None:
-        doc = {"qdq": qdq_fit, "cpu": cpu_fit if cpu_fit is not qdq_fit else "same as qdq"}
+        # Judged on the CPU graph itself: it quantizes more tensors and keeps others float than the Q/DQ
+        # graph, so a fit that helps one can hurt the other (mb3, 100 images: CPU 0.34 -> 0.46).
+        def cpu_error(weights: onnx.ModelProto) -> HeadError:
+            return probe.measure(build_cpu_model(run, ranges, weights, cpu_float)[0])
+
+        shared = cpu_float == mixed.float_layers  # the same int8 layers: the Q/DQ fit is the candidate
+        cpu_source, cpu_fit, _, _ = _fit_weights(
+            run, ranges, placement.select(cpu_float), cpu_error, cpu_error(model), "CPU model",
+            candidate=(qdq_candidate, qdq_fit) if shared else None)
+        doc = {"qdq": qdq_fit, "cpu": cpu_fit}
         atomic_write_text(paths["weight_fit"], json.dumps(doc, indent=2) + "\n")
     clock.lap("weight_fitting")
     _say(options, f"{len(mixed.float_layers)} layer(s) kept float; head error {mixed.error.head_error:.4f}")
@@ -544,36 +555,47 @@ def int8_artifacts(run: CalibrationRun, ranges: Ranges) -> tuple[MixedResult, di
     return mixed, cpu_info
 
 
-def _fit_weights(run: CalibrationRun, ranges: Ranges, layers: list[QuantLayer], baseline: HeadError,
-                 label: str) -> tuple[onnx.ModelProto, dict[str, Any] | None, HeadError]:
+def _fit_weights(run: CalibrationRun, ranges: Ranges, layers: list[QuantLayer],
+                 measure: Callable[[onnx.ModelProto], HeadError], baseline: HeadError, label: str,
+                 candidate: tuple[onnx.ModelProto, dict[str, Any]] | None = None
+                 ) -> tuple[onnx.ModelProto, dict[str, Any] | None, HeadError, onnx.ModelProto]:
     """The model whose weights an int8 artifact quantizes: ``model`` itself, or with AdaRound levels
     and/or corrected biases (quantize/sequential.py) fitted for exactly the int8 ``layers`` of that
     artifact (fitted weights compensate the error of the quantized layers upstream; with a different set
     of float layers they would compensate the wrong error). The fit replays ``fit_images`` calibration
     images taken after the probe images, and is kept only when it lowers that configuration's head error
-    on the probe images below ``baseline`` by more than the probe's sampling noise
-    (:func:`significantly_lower`, paired over the probe images): a per-layer objective need not help the
-    heads, and an improvement within the noise is no evidence that it does. Returns the model, the
-    report entry (None when no fit was asked for) and the head error of the returned model."""
+    on the probe images (``measure``: the artifact's own graph) below ``baseline`` by more than the
+    probe's sampling noise (:func:`significantly_lower`, paired over the probe images): a per-layer
+    objective need not help the heads, and an improvement within the noise is no evidence that it does.
+    ``candidate``: an already fitted model and its report to judge instead of fitting again. Returns the
+    model, the report entry (None when no fit was asked for), the head error of the returned model and
+    the fitted model whether kept or not."""
     options, spec, model, amax, probe = run.options, run.spec, run.model, ranges.amax, run.head_probe()
     fit = FitOptions(rounding=options.rounding, bias_correction=options.bias_correction, seed=options.seed)
     if not fit.active():
-        return model, None, baseline
-    # Images after the probe's, so the guard judges the fit on images it was not fitted on (when the
-    # calibration set has that many).
-    batches = [x for x, _ in _probe_batches(run.calib, spec, probe.images + options.fit_images)]
-    batches = batches[len(probe.batches):] or batches
-    _say(options, f"fitting int8 weights for the {label} ({options.rounding} rounding, bias correction "
-                  f"{'on' if options.bias_correction else 'off'}) on {sum(b.shape[0] for b in batches)} image(s)")
-    fitted, report = fit_layers(model, layers, amax, batches, spec.graph.input.name, fit, threads=options.threads)
-    after = probe.measure(build_qdq_model(fitted, layers, amax))
+        return model, None, baseline, model
+    if candidate is not None:
+        fitted, fit_doc = candidate[0], {k: v for k, v in candidate[1].items()
+                                          if k not in ("head_error", "kept", "guard")}
+    else:
+        # Images after the probe's, so the guard judges the fit on images it was not fitted on (when the
+        # calibration set has that many).
+        batches = [x for x, _ in _probe_batches(run.calib, spec, probe.images + options.fit_images)]
+        batches = batches[len(probe.batches):] or batches
+        _say(options, f"fitting int8 weights for the {label} ({options.rounding} rounding, bias correction "
+                      f"{'on' if options.bias_correction else 'off'}) on {sum(b.shape[0] for b in batches)} "
+                      "image(s)")
+        fitted, report = fit_layers(model, layers, amax, batches, spec.graph.input.name, fit,
+                                    threads=options.threads)
+        fit_doc = {"int8_layers": len(layers), **report.to_dict()}
+    after = measure(fitted)
     kept = significantly_lower(after, baseline)
     _say(options, f"weight fitting ({label}): head error {baseline.head_error:.4f} -> {after.head_error:.4f}; "
                   f"{'kept' if kept else 'dropped (no improvement beyond the probe noise)'}")
     doc = {"head_error": {"before": round(baseline.head_error, 6), "after": round(after.head_error, 6)},
            "kept": kept, "guard": "paired over the probe images: mean improvement > 2 standard errors",
-           "int8_layers": len(layers), **report.to_dict()}
-    return (fitted, doc, after) if kept else (model, doc, baseline)
+           **fit_doc}
+    return (fitted, doc, after, fitted) if kept else (model, doc, baseline, fitted)
 
 
 def _mixed_rule(options: CalibrateOptions) -> str:

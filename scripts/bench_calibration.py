@@ -153,10 +153,8 @@ METHOD_RUNS: dict[str, tuple[str, ...]] = {
 
 
 def _fits_kept(doc: dict[str, Any]) -> dict[str, bool]:
-    """weight_fit.json -> whether each artifact's fit survived the guard (``cpu`` may be "same as qdq")."""
-    kept = {key: bool(entry["kept"]) for key, entry in doc.items() if isinstance(entry, dict)}
-    return {**kept, **{key: kept[str(entry).split()[-1]] for key, entry in doc.items()
-                       if isinstance(entry, str) and str(entry).split()[-1] in kept}}
+    """weight_fit.json -> whether each artifact's fit survived the guard."""
+    return {key: bool(entry["kept"]) for key, entry in doc.items() if isinstance(entry, dict)}
 
 
 def _last(flags: tuple[str, ...], name: str) -> str:

@@ -52,4 +52,3 @@ def test_method_runs_switch_one_method_each(bench):
 def test_weight_fit_reports_read_per_artifact(bench):
     doc = {"qdq": {"kept": False, "layers": []}, "cpu": {"kept": True, "layers": []}}
     assert bench._fits_kept(doc) == {"qdq": False, "cpu": True}
-    assert bench._fits_kept({"qdq": {"kept": True}, "cpu": "same as qdq"}) == {"qdq": True, "cpu": True}

@@ -269,7 +269,14 @@ def test_weight_fitting_from_the_cli_is_guarded_and_reported(inputs, tmp_path):
     assert _run(model, images, out, "--method", "minmax", "--int8", "--budget", "none", "--rounding", "adaround",
                 "--bias-correction", "--fit-images", "2", "--layer-report-images", "0") == 0
     doc = json.loads((out / "weight_fit.json").read_text())
-    assert doc["cpu"] == "same as qdq"  # every eligible layer int8 in both: one fit serves both
+    # every eligible layer int8 in both: the Q/DQ fit is the CPU candidate too (not fitted again), judged
+    # on the CPU graph by the same guard
+    assert doc["cpu"]["layers"] == doc["qdq"]["layers"] and "2 standard errors" in doc["cpu"]["guard"]
+    cpu = doc["cpu"]["head_error"]
+    assert not doc["cpu"]["kept"] or cpu["after"] < cpu["before"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cpu_int8"]["head_error"] == pytest.approx(cpu["after"] if doc["cpu"]["kept"] else cpu["before"],
+                                                              abs=1e-6)
     report = doc["qdq"]
     assert report["options"]["rounding"] == "adaround" and report["options"]["bias_correction"] is True
     assert report["images"] == 2 and report["layers"]
