@@ -71,9 +71,10 @@ class Source:
 class ScalingSite:
     """A depthwise conv input and the closed set of tensors that must carry the same per-channel factors.
 
-    Scaling passes through ReLU, MaxPool and two-activation Adds (both operands and the sum carry it);
-    it starts at ``sources`` and is undone by ``readers`` (convs whose input channels are multiplied,
-    the depthwise conv among them). A residual stream joins the region this way."""
+    A folded site's region passes through ReLU and MaxPool; it starts at ``sources`` (convs whose output
+    channels are divided) and is undone by ``readers`` (convs whose input channels are multiplied, the
+    depthwise conv among them). A region that reaches a residual Add becomes a split site instead: its
+    ``carried`` tensor is the depthwise input alone, with no sources and the depthwise conv as reader."""
 
     tensor: str  # the depthwise conv's input: its per-channel ranges set the factors
     depthwise: str
