@@ -43,6 +43,7 @@ from centernet_edge.runtime.onnx_graph import (
     constant_array,
     consumers,
     initializers,
+    is_depthwise_conv,
     producers,
     prune_to_outputs,
     remove_dead_nodes,
@@ -109,14 +110,6 @@ def _conv_weight_ok(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], us
     return uses.get(node.input[1], 0) == 1 and len(inits[node.input[1]].dims) == 4
 
 
-def _is_depthwise(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
-    if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in inits:
-        return False
-    dims = list(inits[node.input[1]].dims)
-    group = int(attribute(node, "group", 1))  # type: ignore[arg-type]
-    return len(dims) == 4 and group > 1 and dims[1] == 1 and dims[0] == group
-
-
 def _source_conv(node: onnx.NodeProto | None, inits: dict[str, onnx.TensorProto], uses: dict[str, int]) -> bool:
     if node is None or not _conv_weight_ok(node, inits, uses):
         return False
@@ -163,6 +156,7 @@ class _Graph:
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
         self.inits = initializers(model.graph)
+        self.dims = {name: list(init.dims) for name, init in self.inits.items()}
         self.prod = producers(model.graph)
         self.cons = consumers(model.graph)
         self.outputs = {o.name for o in model.graph.output}
@@ -249,7 +243,9 @@ def depthwise_input_sites(model: onnx.ModelProto) -> list[ScalingSite]:
     sites: list[ScalingSite] = []
     covered: set[str] = set()
     for node in model.graph.node:
-        if not _is_depthwise(node, graph.inits) or graph.uses.get(node.input[1], 0) != 1 or node.input[0] in covered:
+        if not is_depthwise_conv(node, graph.dims) or len(graph.dims[node.input[1]]) != 4:
+            continue
+        if graph.uses.get(node.input[1], 0) != 1 or node.input[0] in covered:
             continue
         if not graph.is_activation(node.input[0]):
             continue  # a graph input or a constant: nothing in the graph makes it

@@ -30,7 +30,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from centernet_edge.runtime.onnx_graph import constant_array, consumers, initializers, producers, unique_name
+from centernet_edge.runtime.onnx_graph import (
+    constant_array,
+    consumers,
+    initializers,
+    is_depthwise_conv,
+    producers,
+    unique_name,
+)
 
 __all__ = [
     "DEPTHWISE_CHANNEL_BLOCK",
@@ -104,12 +111,6 @@ def _is_constant(name: str, inits: dict[str, onnx.TensorProto], prod: dict[str, 
     return memo[name]
 
 
-def _is_depthwise(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> bool:
-    weight = shapes.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
-    group = _attr(node, "group")
-    return weight is not None and group > 1 and weight[1] == 1 and weight[0] == group
-
-
 class _Region:
     """Tensors of one channel group: between the layers that write it and the layers that read it."""
 
@@ -135,7 +136,7 @@ def _grow_region(model: onnx.ModelProto, start: str, channels: int, shapes: dict
             return None
         region.tensors.add(name)
         node = prod[name]
-        if node.op_type == "Conv" and _is_depthwise(node, shapes):
+        if node.op_type == "Conv" and is_depthwise_conv(node, shapes):
             region.depthwise.add(node.name)
             stack.append(node.input[0])
         elif node.op_type in ("Conv", "ConvTranspose"):
@@ -145,7 +146,7 @@ def _grow_region(model: onnx.ModelProto, start: str, channels: int, shapes: dict
         elif not _joins(model, node, region, stack, inits, prod, channels):
             return None
         for user in cons.get(name, []):
-            if user.op_type == "Conv" and _is_depthwise(user, shapes):
+            if user.op_type == "Conv" and is_depthwise_conv(user, shapes):
                 region.depthwise.add(user.name)
                 stack.append(user.output[0])
             elif user.op_type == "Conv" and user.input[0] == name and _attr(user, "group") == 1:
@@ -199,7 +200,7 @@ def pad_depthwise_channels(model: onnx.ModelProto, block: int = DEPTHWISE_CHANNE
     done: set[str] = set()
     widened: list[str] = []
     for node in list(model.graph.node):
-        if node.name in done or node.op_type != "Conv" or not _is_depthwise(node, shapes):
+        if node.name in done or node.op_type != "Conv" or not is_depthwise_conv(node, shapes):
             continue
         channels = shapes[node.input[1]][0]
         out_shape = shapes.get(node.output[0], [])
@@ -386,7 +387,7 @@ def image_blocks(model: onnx.ModelProto, network: Iterable[str], image_convs: It
         if node.op_type in _CHANNELWISE and node.op_type != "GlobalAveragePool":
             chain.append(node.name)
             float_tensors.update(node.output)
-        elif _is_depthwise(node, shapes) and node.input[0] in float_tensors:
+        elif is_depthwise_conv(node, shapes) and node.input[0] in float_tensors:
             depthwise.append(node.name)
     return chain + depthwise if depthwise else []
 

@@ -32,6 +32,7 @@ from centernet_edge.runtime.onnx_graph import (
     FLOAT_TYPES,
     consumers,
     initializers,
+    is_depthwise_conv,
     producers,
     prune_to_outputs,
     tensor_types,
@@ -80,17 +81,6 @@ def network_tensors(model: onnx.ModelProto, regions: GraphRegions | None = None)
     return list(dict.fromkeys(names))
 
 
-def _attr(node: onnx.NodeProto, name: str, default: int = 1) -> int:
-    return next((a.i for a in node.attribute if a.name == name), default)
-
-
-def _is_depthwise(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]) -> bool:
-    if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in inits:
-        return False
-    dims = list(inits[node.input[1]].dims)
-    return _attr(node, "group") > 1 and len(dims) >= 2 and dims[1] == 1
-
-
 def _through(name: str, prod: Mapping[str, onnx.NodeProto], inits: Mapping[str, onnx.TensorProto],
              skip: frozenset[str], depth: int = 4) -> onnx.NodeProto | None:
     """The first producer of ``name`` that is not a shape op or a scaling by a constant."""
@@ -136,13 +126,15 @@ def tensor_kinds(model: onnx.ModelProto, regions: GraphRegions | None = None) ->
     prod = producers(graph)
     cons = consumers(graph)
     inits = initializers(graph)
+    dims = {name: list(init.dims) for name, init in inits.items()}
     kinds: dict[str, list[str]] = {}
     for name in network_tensors(model, regions):
         node = prod[name]
         tags: list[str] = []
         if node.op_type == "Conv":
-            tags.append("depthwise conv" if _is_depthwise(node, inits) else "conv")
-        elif node.op_type in ("Relu", "Clip") and node.input[0] in prod and _is_depthwise(prod[node.input[0]], inits):
+            tags.append("depthwise conv" if is_depthwise_conv(node, dims, multiplier=True) else "conv")
+        elif node.op_type in ("Relu", "Clip") and node.input[0] in prod \
+                and is_depthwise_conv(prod[node.input[0]], dims, multiplier=True):
             tags.append("depthwise conv")
         if node.op_type == "Mul" and all(i not in inits for i in node.input[:2]):
             gates = [_gate_source(i, prod, inits) for i in node.input[:2]]

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from centernet_edge.runtime.onnx_graph import remove_dead_nodes, topological_sort
+from centernet_edge.runtime.onnx_graph import is_depthwise_conv, remove_dead_nodes, topological_sort
 
 from .cpu_rewrites import (
     affine_as_depthwise_convs,
@@ -113,16 +113,8 @@ def depthwise_convs(model: onnx.ModelProto) -> list[str]:
     per-tensor activation scale hurts depthwise layers most. Keeping them float still measured slower
     overall (the Q/DQ transitions around them cost more), so it is an option, not the default.
     """
-    shapes = {init.name: list(init.dims) for init in model.graph.initializer}
-    names = []
-    for node in model.graph.node:
-        if node.op_type != "Conv":
-            continue
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        weight = shapes.get(node.input[1]) if len(node.input) > 1 else None
-        if group > 1 and weight is not None and len(weight) >= 2 and weight[1] == 1:
-            names.append(node.name)
-    return names
+    dims = {init.name: list(init.dims) for init in model.graph.initializer}
+    return [node.name for node in model.graph.node if is_depthwise_conv(node, dims, multiplier=True)]
 
 
 def _tensors_data(ranges: Mapping[str, tuple[float, float]]):

@@ -281,7 +281,11 @@ class CalibrationRun:
     clock: _Clock
     probe: HeadProbe | None = None
     scaling_sites: list[ScalingSite] = field(default_factory=list)  # the channel-scaling sites applied
-    scaling: list[dict[str, Any]] = field(default_factory=list)  # ... as summary.json records them
+
+    @property
+    def scaling(self) -> list[dict[str, str]]:
+        """The channel-scaling sites as summary.json records them."""
+        return [{"depthwise": s.depthwise, "tensor": s.tensor, "kind": s.kind} for s in self.scaling_sites]
 
     @property
     def rescaled(self) -> bool:
@@ -340,8 +344,7 @@ def prepare_run(options: CalibrateOptions, model_path: Path, spec: ModelSpec, ou
     _say(options, f"{len(placement.layers)} int8-eligible layers; calibrating on {len(calib)} image(s)")
     paths = {key: stage / name for key, name in ARTIFACTS.items()}
     return CalibrationRun(options, model_path, spec, out, paths, source, model, file_sha256(model_path),
-                          placement, calib, trt_version_int(options.trt_version), clock, scaling_sites=sites,
-                          scaling=[{"depthwise": s.depthwise, "tensor": s.tensor, "kind": s.kind} for s in sites])
+                          placement, calib, trt_version_int(options.trt_version), clock, scaling_sites=sites)
 
 
 def _scale_channels(model: onnx.ModelProto, spec: ModelSpec, calib: CalibrationSet, options: CalibrateOptions
@@ -522,17 +525,26 @@ def int8_artifacts(run: CalibrationRun, ranges: Ranges) -> tuple[MixedResult, di
     if qdq_fit is not None and qdq_fit["kept"]:
         mixed.error = fitted_error
     cpu_float = mixed.float_layers if options.cpu_float == "mixed" else []
+    cpu_builds: dict[int, _CpuBuild | None] = {}  # by weights model: each CPU graph is built and scored once
+
+    def cpu_built(weights: onnx.ModelProto) -> _CpuBuild | None:
+        if id(weights) not in cpu_builds:
+            cpu_builds[id(weights)] = _build_cpu_candidate(run, ranges, weights, cpu_float)
+        return cpu_builds[id(weights)]
+
     cpu_source, cpu_fit = model, None
-    if qdq_fit is not None:
+    plain_cpu = cpu_built(model) if qdq_fit is not None else None
+    if plain_cpu is not None:
         # Judged on the CPU graph itself: it quantizes more tensors and keeps others float than the Q/DQ
         # graph, so a fit that helps one can hurt the other (mb3, 100 images: CPU 0.34 -> 0.46).
         def cpu_error(weights: onnx.ModelProto) -> HeadError:
-            return probe.measure(build_cpu_model(run, ranges, weights, cpu_float)[0])
+            return (cpu_built(weights) or plain_cpu).error  # a graph the quantizer rejects is no improvement
 
         shared = cpu_float == mixed.float_layers  # the same int8 layers: the Q/DQ fit is the candidate
         cpu_source, cpu_fit, _, _ = _fit_weights(
-            run, ranges, placement.select(cpu_float), cpu_error, cpu_error(model), "CPU model",
+            run, ranges, placement.select(cpu_float), cpu_error, plain_cpu.error, "CPU model",
             candidate=(qdq_candidate, qdq_fit) if shared else None)
+    if qdq_fit is not None:
         doc = {"qdq": qdq_fit, "cpu": cpu_fit}
         atomic_write_text(paths["weight_fit"], json.dumps(doc, indent=2) + "\n")
     clock.lap("weight_fitting")
@@ -550,7 +562,7 @@ def int8_artifacts(run: CalibrationRun, ranges: Ranges) -> tuple[MixedResult, di
     if options.layer_report_images > 0:
         _layer_report(model, cpu_source if not cpu_float else model, spec, placement, amax, probe, options,
                       paths, method)
-    cpu_info = _cpu_artifact(run, ranges, cpu_source, cpu_float)
+    cpu_info = _cpu_artifact(run, ranges, cpu_built(cpu_source), cpu_float)
     clock.lap("int8_artifacts")
     return mixed, cpu_info
 
@@ -666,21 +678,37 @@ def build_cpu_model(run: CalibrationRun, ranges: Ranges, model: onnx.ModelProto,
                                           regions=run.placement.regions)
 
 
-def _cpu_artifact(run: CalibrationRun, ranges: Ranges, model: onnx.ModelProto, keep_float: list[str]
-                  ) -> dict[str, Any] | None:
-    """model_int8_cpu.onnx. By default every eligible op is int8: ONNX Runtime's CPU speed comes only
-    from long integer chains, and float islands cost more in Q/DQ transitions than they return (measured
-    on mb3: keeping layers float made the CPU model slower than fp32 without recovering its accuracy,
-    which is lost in the quantized elementwise ops around them). Its head error is recorded so the
-    accuracy cost is visible."""
-    options, spec = run.options, run.spec
-    _say(options, "writing ONNX Runtime CPU int8 model")
+@dataclass
+class _CpuBuild:
+    model: onnx.ModelProto
+    graph_changes: dict[str, int]
+    error: HeadError
+
+
+def _build_cpu_candidate(run: CalibrationRun, ranges: Ranges, weights: onnx.ModelProto, keep_float: list[str]
+                         ) -> _CpuBuild | None:
+    """:func:`build_cpu_model` and its head error; None (with a warning) where ONNX Runtime's quantizer
+    rejects the graph: the TensorRT artifacts stand without it."""
     try:
-        cpu, graph_changes = build_cpu_model(run, ranges, model, keep_float)
-    except Exception as exc:  # ONNX Runtime's quantizer rejects some graphs; the TensorRT artifacts stand
+        cpu, graph_changes = build_cpu_model(run, ranges, weights, keep_float)
+    except Exception as exc:
         log.warning("ONNX Runtime CPU int8 model not written: %s: %s", type(exc).__name__, exc)
         return None
-    error = run.head_probe().measure(cpu).head_error
+    return _CpuBuild(cpu, graph_changes, run.head_probe().measure(cpu))
+
+
+def _cpu_artifact(run: CalibrationRun, ranges: Ranges, built: _CpuBuild | None, keep_float: list[str]
+                  ) -> dict[str, Any] | None:
+    """model_int8_cpu.onnx from its build (None: not written). By default every eligible op is int8: ONNX
+    Runtime's CPU speed comes only from long integer chains, and float islands cost more in Q/DQ
+    transitions than they return (measured on mb3: keeping layers float made the CPU model slower than
+    fp32 without recovering its accuracy, which is lost in the quantized elementwise ops around them).
+    Its head error is recorded so the accuracy cost is visible."""
+    options, spec = run.options, run.spec
+    if built is None:
+        return None
+    _say(options, "writing ONNX Runtime CPU int8 model")
+    cpu, graph_changes, error = built.model, built.graph_changes, built.error.head_error
     info = {"float_layers": len(keep_float), "format": options.cpu_format,
             "float_head_outputs": options.cpu_float_heads, "head_error": round(error, 6),
             "graph_changes": graph_changes}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -31,6 +31,7 @@ __all__ = [
     "ensure_node_names",
     "fold_identities",
     "initializers",
+    "is_depthwise_conv",
     "producers",
     "prune_to_outputs",
     "remove_dead_nodes",
@@ -103,6 +104,18 @@ def attribute(node: onnx.NodeProto, name: str, default: object = None) -> object
         if a.name == name:
             return helper.get_attribute_value(a)
     return default
+
+
+def is_depthwise_conv(node: onnx.NodeProto, weight_dims: Mapping[str, Sequence[int]],
+                      multiplier: bool = False) -> bool:
+    """A Conv with one input channel per group (``group > 1``) and an initializer weight named in
+    ``weight_dims`` (name -> dims); exactly one output channel per group unless ``multiplier`` allows a
+    depth multiplier."""
+    if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in weight_dims:
+        return False
+    dims = list(weight_dims[node.input[1]])
+    group = int(attribute(node, "group", 1))  # type: ignore[call-overload]
+    return group > 1 and len(dims) >= 2 and dims[1] == 1 and (multiplier or dims[0] == group)
 
 
 def without_weights(model: onnx.ModelProto, keep_elements: int = 4096) -> onnx.ModelProto:

@@ -8,6 +8,7 @@ weights, so fp32 is unaffected) and a per-tensor int8 scale wipes out every othe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -15,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from centernet_edge.quantize.placement import Placement
 from centernet_edge.runtime.onnx_graph import prune_to_outputs
 from centernet_edge.runtime.spec import Decode, GraphIO, ModelSpec, Preprocess, TensorInfo
 
@@ -329,3 +331,35 @@ def tensor_values(model: onnx.ModelProto, tensors: list[str], inputs: list[dict[
     sess = ort.InferenceSession(prune_to_outputs(model, tensors).SerializeToString(),
                                 providers=["CPUExecutionProvider"])
     return [dict(zip(tensors, sess.run(tensors, feed), strict=True)) for feed in inputs]
+
+
+@dataclass
+class QuantSetup:
+    """The synthetic network (no DeformConv), its int8 placement, per-tensor absmax ranges measured on
+    ``batches`` (graph-input batches with their geometries, as ``feeds`` returns them)."""
+
+    model: onnx.ModelProto
+    spec: ModelSpec
+    placement: Placement
+    amax: dict[str, float]
+    batches: list[tuple[np.ndarray, list]]
+
+    @property
+    def inputs(self) -> list[np.ndarray]:
+        return [x for x, _ in self.batches]
+
+
+def quant_setup(folder: Path, images: int, image_seed: int) -> QuantSetup:
+    """What the quantization unit tests share: :func:`build_synthetic_model` (seed 1, fragile layer) and
+    absmax ranges over ``images`` synthetic images drawn with ``image_seed``."""
+    from centernet_edge.quantize.placement import plan_placement
+    from centernet_edge.runtime.onnx_graph import ensure_node_names
+
+    model = ensure_node_names(build_synthetic_model(seed=1, fragile=True, deform=False))
+    spec = synthetic_spec()
+    batches = feeds(spec, write_images(folder, images, seed=image_seed), images)
+    placement = plan_placement(model)
+    tensors = placement.activation_tensors()
+    values = tensor_values(model, tensors, [{"image": x} for x, _ in batches])
+    amax = {t: max(float(np.abs(v[t]).max()) for v in values) for t in tensors}
+    return QuantSetup(model, spec, placement, amax, batches)

@@ -476,3 +476,25 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out == f"centernet-calibrate {version('centernet-edge')}\n"
+
+
+def test_a_cpu_graph_onnx_runtime_rejects_leaves_the_tensorrt_artifacts(inputs, tmp_path, monkeypatch, caplog):
+    """The quantizer failing on the CPU graph (also while judging the weight fit) skips that artifact only."""
+    import logging
+
+    from centernet_edge.quantize import pipeline
+
+    def rejected(*args, **kwargs):
+        raise RuntimeError("unsupported op")
+
+    monkeypatch.setattr(pipeline, "build_cpu_model", rejected)
+    _, model, images = inputs
+    out = tmp_path / "nocpu"
+    with caplog.at_level(logging.WARNING, logger="centernet_edge.quantize"):
+        assert _run(model, images, out, "--method", "minmax", "--int8", "--budget", "none", "--fit-images", "2",
+                    "--layer-report-images", "0") == 0
+    assert (out / "model_int8_qdq.onnx").is_file() and not (out / "model_int8_cpu.onnx").exists()
+    assert "ONNX Runtime CPU int8 model not written: RuntimeError: unsupported op" in caplog.text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cpu_int8"] is None
+    assert json.loads((out / "weight_fit.json").read_text())["cpu"] is None

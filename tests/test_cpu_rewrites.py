@@ -230,3 +230,16 @@ def test_per_channel_affine_becomes_one_depthwise_conv_with_the_same_values():
     assert len(conv) == 1 and conv[0].output[0] == "shifted"  # the Add's output name (and range) is kept
     assert not [n for n in model.graph.node if n.op_type in ("Mul", "Add")]
     np.testing.assert_allclose(_run(model, {"x": x})[0], before, rtol=1e-6, atol=1e-5)
+
+
+def test_depthwise_convs_are_recognised_once_for_every_caller():
+    from centernet_edge.runtime.onnx_graph import is_depthwise_conv
+
+    dims = {"dw": [8, 1, 3, 3], "mult": [16, 1, 3, 3], "grouped": [8, 2, 3, 3], "dense": [8, 8, 1, 1]}
+    conv = lambda w, g: helper.make_node("Conv", ["x", w], ["y"], group=g)  # noqa: E731
+    assert is_depthwise_conv(conv("dw", 8), dims)
+    assert not is_depthwise_conv(conv("mult", 8), dims) and is_depthwise_conv(conv("mult", 8), dims, multiplier=True)
+    assert not is_depthwise_conv(conv("grouped", 4), dims, multiplier=True)
+    assert not is_depthwise_conv(conv("dense", 1), dims, multiplier=True)
+    assert not is_depthwise_conv(conv("missing", 8), dims)
+    assert not is_depthwise_conv(helper.make_node("Relu", ["x"], ["y"]), dims)

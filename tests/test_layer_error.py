@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from quant_synthetic import FRAGILE, build_synthetic_model, feeds, synthetic_spec, tensor_values, write_images
+from quant_synthetic import FRAGILE, build_synthetic_model, quant_setup, tensor_values
 
 from centernet_edge.quantize.layer_error import (
     compare_tensors,
@@ -14,21 +14,14 @@ from centernet_edge.quantize.layer_error import (
     tensor_kinds,
     write_layer_errors,
 )
-from centernet_edge.quantize.placement import plan_placement
 from centernet_edge.quantize.qdq import build_qdq_model
 from centernet_edge.runtime.onnx_graph import ensure_node_names
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    model = ensure_node_names(build_synthetic_model(seed=1, fragile=True, deform=False))
-    spec = synthetic_spec()
-    batches = [x for x, _ in feeds(spec, write_images(tmp_path_factory.mktemp("lerr"), 3, seed=2), 3)]
-    placement = plan_placement(model)
-    tensors = placement.activation_tensors()
-    values = tensor_values(model, tensors, [{"image": x} for x in batches])
-    amax = {t: max(float(np.abs(v[t]).max()) for v in values) for t in tensors}
-    return model, placement, amax, batches
+    s = quant_setup(tmp_path_factory.mktemp("lerr"), 3, image_seed=2)
+    return s.model, s.placement, s.amax, s.inputs
 
 
 def test_model_against_itself_has_no_error(setup):

@@ -5,24 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from onnx import numpy_helper
-from quant_synthetic import FRAGILE, build_synthetic_model, feeds, synthetic_spec, tensor_values, write_images
+from quant_synthetic import FRAGILE, quant_setup, tensor_values
 
-from centernet_edge.quantize.placement import plan_placement
 from centernet_edge.quantize.qdq import quantize_weight_per_channel
 from centernet_edge.quantize.range_search import conv_attributes, fake_quant, replay_conv, search_ranges
-from centernet_edge.runtime.onnx_graph import ensure_node_names
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    model = ensure_node_names(build_synthetic_model(seed=1, fragile=True, deform=False))
-    spec = synthetic_spec()
-    batches = [x for x, _ in feeds(spec, write_images(tmp_path_factory.mktemp("rs"), 3, seed=3), 3)]
-    placement = plan_placement(model)
-    tensors = placement.activation_tensors()
-    values = tensor_values(model, tensors, [{"image": x} for x in batches])
-    absmax = {t: max(float(np.abs(v[t]).max()) for v in values) for t in tensors}
-    return model, placement, absmax, batches
+    s = quant_setup(tmp_path_factory.mktemp("rs"), 3, image_seed=3)
+    return s.model, s.placement, s.amax, s.inputs
 
 
 def _node(model, name):

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from quant_synthetic import FRAGILE, build_synthetic_model, feeds, synthetic_spec, tensor_values, write_images
+from quant_synthetic import FRAGILE, quant_setup
 
 from centernet_edge.quantize.head_error import (
     HeadError,
@@ -23,22 +23,15 @@ from centernet_edge.quantize.mixed import (
     search_mixed_precision,
     write_precision,
 )
-from centernet_edge.quantize.placement import plan_placement
 from centernet_edge.quantize.sensitivity import layer_sensitivity, write_sensitivity
 from centernet_edge.runtime.detections import Detections
-from centernet_edge.runtime.onnx_graph import ensure_node_names
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    model = ensure_node_names(build_synthetic_model(seed=1, fragile=True, deform=False))
-    spec = synthetic_spec()
-    batches = feeds(spec, write_images(tmp_path_factory.mktemp("sens"), 6, seed=2), 6)
-    placement = plan_placement(model)
-    tensors = placement.activation_tensors()
-    values = tensor_values(model, tensors, [{"image": x} for x, _ in batches])
-    amax = {t: max(float(np.abs(v[t]).max()) for v in values) for t in tensors}
-    probe = HeadProbe(spec, batches)
+    s = quant_setup(tmp_path_factory.mktemp("sens"), 6, image_seed=2)
+    model, placement, amax = s.model, s.placement, s.amax
+    probe = HeadProbe(s.spec, s.batches)
     probe.set_reference(model)
     return model, placement, amax, probe
 

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
-from quant_synthetic import build_synthetic_model, feeds, synthetic_spec, tensor_values, write_images
+from quant_synthetic import build_synthetic_model, quant_setup
 
 from centernet_edge.quantize.adaround import adaround_layer, nearest_levels, reconstruction_error
 from centernet_edge.quantize.bias_correction import ShiftAccumulator
@@ -104,14 +104,8 @@ def test_shift_accumulator_streams_the_per_channel_mean():
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    model = ensure_node_names(build_synthetic_model(seed=1, fragile=True, deform=False))
-    spec = synthetic_spec()
-    batches = feeds(spec, write_images(tmp_path_factory.mktemp("fit"), 4, seed=2), 4)
-    placement = plan_placement(model)
-    tensors = placement.activation_tensors()
-    values = tensor_values(model, tensors, [{"image": x} for x, _ in batches])
-    amax = {t: max(float(np.abs(v[t]).max()) for v in values) for t in tensors}
-    return model, placement, amax, [x for x, _ in batches]
+    s = quant_setup(tmp_path_factory.mktemp("fit"), 4, image_seed=2)
+    return s.model, s.placement, s.amax, s.inputs
 
 
 def test_fit_layers_bias_correction_and_rounding(synthetic):
