@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine precision (default: int8 for a calibration folder, else the ONNX's own)")
     p.add_argument("--onnx", type=Path, metavar="ONNX",
                    help="the fp32 ONNX a calibration folder was made from (TensorRT 10 routes, fp32); checked "
-                   "against the sha256 in summary.json")
+                   "against the sha256 in summary.json. Not needed for int8 from the cache when the folder has "
+                   "model_fp32_rescaled.onnx (that model is built)")
     p.add_argument("--model-spec", type=Path, metavar="JSON", help="model description for a foreign ONNX")
     p.add_argument("--calib-images", type=Path, metavar="SRC",
                    help="TensorRT 10 int8: calibrate live in TensorRT on these images (folder, list or COCO "
